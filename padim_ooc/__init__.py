@@ -1,0 +1,9 @@
+"""padim_ooc: PaDiM anomaly detection fitted out of core, in constant memory."""
+__version__ = "0.1.0"
+
+from .errors import PadimError  # noqa: E402
+from .extractor import Extractor  # noqa: E402
+from .api import fit, open_model  # noqa: E402
+from .score import Model  # noqa: E402
+
+__all__ = ["Extractor", "Model", "PadimError", "fit", "open_model", "__version__"]

@@ -1,0 +1,197 @@
+"""Image files in, preprocessed tensors out.
+
+Finds images (folders, single files, text lists of paths), decodes them
+robustly to RGB, resizes and centre-crops them, and serves them through a
+torch ``DataLoader`` whose worker processes also hash the file bytes (the
+ledger's identity of an image) and skip images that were already accumulated.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import PadimError
+
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm", ".pbm"}
+)
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGEST_SIZE = 16
+
+
+def list_images(sources: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand sources into a sorted, de-duplicated list of image paths.
+
+    A folder contributes every file below it with an image suffix
+    (recursively), a ``.txt``/``.lst`` file contributes the paths it lists one
+    per line (relative ones are taken relative to the list), any other file is
+    taken as one image. Order: sorted by path within each source, sources in
+    the order given; a path given twice is kept once.
+
+    Raises
+    ------
+    PadimError
+        If a source does not exist or no image is found in it.
+    """
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for src in sources:
+        path = Path(os.fsdecode(src))
+        if not path.exists() and not path.is_symlink():
+            raise PadimError(f"input not found: {path}")
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+            )
+            if not found:
+                raise PadimError(
+                    f"no images found in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+                )
+        elif path.suffix.lower() in LIST_SUFFIXES:
+            found = _read_list(path)
+        else:
+            found = [path]
+        for p in found:
+            if p not in seen:
+                seen.add(p)
+                out.append(p)
+    if not out:
+        raise PadimError("no input images given")
+    return out
+
+
+def _read_list(path: Path) -> list[Path]:
+    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    paths = [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
+    paths = [p if p.is_absolute() else path.parent / p for p in paths]
+    if not paths:
+        raise PadimError(f"the list {path} names no images")
+    return paths
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes to an 8-bit RGB PIL image.
+
+    Grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit images are
+    converted; 16-bit and 32-bit integer images are scaled to 8 bit by their
+    type's range.
+    """
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img)
+        scale = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else 2**32 - 1
+        arr = np.clip(arr.astype(np.float64) * (255.0 / scale), 0, 255).round().astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+    elif img.mode == "P":
+        img = img.convert("RGBA")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize (square), centre crop, scale to [0, 1], normalise.
+
+    Calling it on a PIL image gives a float32 tensor of shape (3, crop, crop).
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        t = TF.pil_to_tensor(image)
+        t = TF.resize(t, [self.resize, self.resize], antialias=True)
+        t = TF.center_crop(t, [self.crop, self.crop])
+        t = TF.to_dtype(t, torch.float32, scale=True)
+        return TF.normalize(t, list(self.mean), list(self.std))
+
+
+def digest(data: bytes) -> bytes:
+    """The ledger's identity of an image: a 16-byte BLAKE2b hash of its file bytes."""
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images as ``(index, digest, tensor or None, error or None)`` items.
+
+    ``skip`` holds digests already accumulated: those images are hashed but not
+    decoded, and come back with ``tensor=None, error=None``.
+    """
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, skip: frozenset = frozenset()):
+        self.paths = list(paths)
+        self.preprocess = preprocess
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:
+            data = path.read_bytes()
+        except (OSError, ValueError) as err:
+            return i, None, None, f"cannot read: {err.strerror or err}"
+        key = digest(data)
+        if key in self.skip:
+            return i, key, None, None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                tensor = self.preprocess(decode_rgb(data))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as err:
+            return i, key, None, f"cannot decode: {type(err).__name__}: {err}"
+        return i, key, tensor, None
+
+
+def collate(items):
+    """Batch of ``ImageFiles`` items -> (indices, digests, tensor (b, 3, H, W) or None, errors)."""
+    indices = [it[0] for it in items]
+    digests = [it[1] for it in items]
+    tensors = [it[2] for it in items if it[2] is not None]
+    ok = [it[2] is not None for it in items]
+    errors = [it[3] for it in items]
+    batch = torch.stack(tensors) if tensors else None
+    return indices, digests, batch, ok, errors
+
+
+def default_workers() -> int:
+    """Loader worker processes: the cores we may use, up to 8 (0 = load in-process)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cores = os.cpu_count() or 1
+    return min(8, cores)
+
+
+def loader(dataset: ImageFiles, batch_size: int, *, workers: int | None = None,
+           pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader in input order, with worker processes and prefetch."""
+    workers = default_workers() if workers is None else workers
+    extra = {"prefetch_factor": 4, "persistent_workers": False} if workers > 0 else {}
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=collate, pin_memory=pin_memory, **extra,
+    )

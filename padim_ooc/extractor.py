@@ -1,0 +1,189 @@
+"""The embedding: backbone maps of a few layers, a seeded random channel subset,
+upsampled (nearest) to the first layer's grid and concatenated."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import backbones
+from .data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .errors import PadimError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PadimError("--device cuda was asked for but no CUDA GPU is available (use cpu or auto)")
+    return dev
+
+
+def draw_channels(total: int, dims: int | None, seed: int) -> list[int]:
+    """A seeded random subset of ``dims`` of ``total`` channel indices, sorted."""
+    if dims is None or dims == total:
+        return list(range(total))
+    if not 1 <= dims <= total:
+        raise PadimError(f"dims {dims} is out of range (1 to {total} for this backbone and layers)")
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(total, generator=gen)[:dims].tolist())
+
+
+class Extractor:
+    """PaDiM patch embeddings of preprocessed images.
+
+    Parameters
+    ----------
+    backbone : str
+        A torchvision classification model name (``resnet18``,
+        ``wide_resnet50_2``, ...) or ``efficientnet_lite0``.
+    layers : list of str, optional
+        Node names whose maps are concatenated; default: the first three stages.
+    dims : int, optional
+        Channels kept (random subset, seeded). Default: 100 for resnet18, 550
+        for wide_resnet50_2, all channels otherwise.
+    seed : int
+        Seed of the channel draw and of random weights.
+    weights : str or None
+        ``"default"`` (pretrained, torchvision's weights API), a state-dict
+        file path, or ``None``/``"none"`` (random init, seeded).
+    resize, crop : int
+        Square resize, then centre crop (pixels).
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    channels : list of int, optional
+        The channel indices to keep (overrides ``dims``/``seed`` draw; used
+        when a stored model is reopened).
+    """
+
+    def __init__(self, backbone: str = "resnet18", *, layers: list[str] | None = None,
+                 dims: int | None = None, seed: int = 0, weights: str | None = "default",
+                 resize: int = 256, crop: int = 224, device: str = "auto",
+                 channels: list[int] | None = None,
+                 mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+        if crop > resize:
+            raise PadimError(f"crop {crop} is larger than resize {resize}")
+        if crop < 32:
+            raise PadimError(f"crop {crop} is too small (at least 32 pixels)")
+        self.backbone = backbone
+        self.layers = list(layers) if layers else backbones.default_layers(backbone)
+        self.seed = int(seed)
+        self.device = resolve_device(device)
+        self.preprocess = Preprocess(resize, crop, tuple(mean), tuple(std))
+        module, self.weights_id = backbones.build(backbone, self.layers, weights, self.seed)
+        self.weights_digest = backbones.state_digest(module)
+        self._module = module.to(self.device)
+        if self.device.type == "cpu":
+            self._module = self._module.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            probe = self._module(torch.zeros(1, 3, crop, crop, device=self.device))
+        self.layer_channels = [int(probe[layer].shape[1]) for layer in self.layers]
+        self.grid = tuple(int(s) for s in probe[self.layers[0]].shape[-2:])
+        total = sum(self.layer_channels)
+        if channels is None:
+            if dims is None and backbone in backbones.DEFAULT_DIMS:
+                dims = min(backbones.DEFAULT_DIMS[backbone], total)
+            channels = draw_channels(total, dims, self.seed)
+        elif any(not 0 <= c < total for c in channels):
+            raise PadimError(f"stored channel indices are out of range (0 to {total - 1})")
+        self.channels = list(channels)
+        self._per_layer = self._split_channels(self.channels)
+
+    def _split_channels(self, channels: list[int]) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for count in self.layer_channels:
+            idx = [c - offset for c in channels if offset <= c < offset + count]
+            out.append(torch.tensor(idx, dtype=torch.long, device=self.device))
+            offset += count
+        return out
+
+    @property
+    def dims(self) -> int:
+        """Dimension d of a patch embedding."""
+        return len(self.channels)
+
+    @property
+    def positions(self) -> int:
+        """P = h * w patch positions."""
+        return self.grid[0] * self.grid[1]
+
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings of a preprocessed batch.
+
+        Parameters
+        ----------
+        batch : Tensor of shape (B, 3, crop, crop)
+            Images from :meth:`preprocess`.
+
+        Returns
+        -------
+        Tensor of shape (B, d, h, w), float32, on the extractor's device.
+        """
+        expected = self.preprocess.crop
+        if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[-2:]) != (expected, expected):
+            raise PadimError(f"expected a batch of shape (B, 3, {expected}, {expected}), got {tuple(batch.shape)}")
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True)
+            if self.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            maps = self._module(x)
+            parts = []
+            for layer, idx in zip(self.layers, self._per_layer):
+                if idx.numel() == 0:
+                    continue
+                fmap = maps[layer].index_select(1, idx).float()
+                if tuple(fmap.shape[-2:]) != self.grid:
+                    fmap = F.interpolate(fmap, size=self.grid, mode="nearest")
+                parts.append(fmap)
+            return torch.cat(parts, dim=1).contiguous()
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this extractor (JSON-serialisable)."""
+        return {
+            "backbone": self.backbone,
+            "layers": self.layers,
+            "layer_channels": self.layer_channels,
+            "channels": self.channels,
+            "dims": self.dims,
+            "seed": self.seed,
+            "weights": self.weights_id,
+            "weights_digest": self.weights_digest,
+            "resize": self.preprocess.resize,
+            "crop": self.preprocess.crop,
+            "normalize_mean": list(self.preprocess.mean),
+            "normalize_std": list(self.preprocess.std),
+            "grid": list(self.grid),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], *, device: str = "auto",
+                    weights: str | None = None) -> "Extractor":
+        """Rebuild the extractor a model was fitted with and check its weights.
+
+        ``weights`` overrides where the weights come from (e.g. the local path
+        of the file whose hash is stored); by default the stored identity is
+        used: ``random:seed=S`` re-draws them, ``torchvision:<enum>`` loads
+        that enum, ``file:<sha>`` needs ``weights``.
+        """
+        wid = cfg["weights"]
+        if weights is None:
+            if wid.startswith("random:"):
+                weights = "none"
+            elif wid.startswith("torchvision:"):
+                weights = wid
+            elif cfg["backbone"] == backbones.LITE0:
+                weights = "default"
+            else:
+                raise PadimError(f"this model was fitted with a local weights file ({wid}); "
+                                 "pass the same file with --weights PATH")
+        ex = cls(cfg["backbone"], layers=cfg["layers"], seed=cfg["seed"], weights=weights,
+                 resize=cfg["resize"], crop=cfg["crop"], device=device, channels=cfg["channels"],
+                 mean=tuple(cfg["normalize_mean"]), std=tuple(cfg["normalize_std"]))
+        if ex.weights_digest != cfg["weights_digest"]:
+            raise PadimError(f"the backbone weights differ from those the model was fitted with "
+                             f"(digest {ex.weights_digest} != stored {cfg['weights_digest']}; "
+                             f"stored weights: {wid})")
+        return ex

@@ -1,0 +1,187 @@
+"""Scoring: Mahalanobis distance per position, upsampled and blurred into anomaly maps.
+
+``Model`` is an opened store: its statistics, its extractor, and ``score``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from .data import ImageFiles, decode_rgb, loader
+from .errors import PadimError
+from .extractor import Extractor
+from .store import ModelStore, read_array
+
+DEFAULT_SIGMA = 4.0
+
+
+def mahalanobis(features: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of every patch to its position's Gaussian.
+
+    Parameters
+    ----------
+    features : Tensor of shape (B, d, h, w)
+    mean : Tensor of shape (P, d), P = h * w
+    precision : Tensor of shape (P, d, d)
+
+    Returns
+    -------
+    Tensor of shape (B, h, w): ``sqrt((x - mu)^T precision (x - mu))``, one
+    batched matrix product over all positions.
+    """
+    b, d, h, w = features.shape
+    diff = features.reshape(b, d, h * w).permute(2, 1, 0).to(precision.dtype) - mean.unsqueeze(2)
+    quad = (diff * torch.bmm(precision, diff)).sum(dim=1)  # (P, B)
+    return quad.clamp_min_(0).sqrt_().T.reshape(b, h, w)
+
+
+def anomaly_maps(distances: torch.Tensor, size: int, sigma: float = DEFAULT_SIGMA) -> torch.Tensor:
+    """Upsample (bilinear) a (B, h, w) distance grid to (B, size, size) and blur it.
+
+    The blur is Gaussian with standard deviation ``sigma`` pixels and a kernel
+    of radius ``round(4 sigma)``; ``sigma=0`` turns it off.
+    """
+    maps = F.interpolate(distances.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        radius = int(4 * sigma + 0.5)
+        maps = TF.gaussian_blur(maps, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
+    return maps.squeeze(1)
+
+
+class Model:
+    """A fitted PaDiM model, opened from its store.
+
+    Use :func:`padim_ooc.open_model` to get one.
+    """
+
+    def __init__(self, store: ModelStore, *, device: str = "auto", weights: str | None = None):
+        self.store = store
+        self._device = device
+        self._weights = weights
+        self._extractor: Extractor | None = None
+        self._final: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def attrs(self) -> dict:
+        """The store's attributes (configuration, counts, state)."""
+        return dict(self.store.attrs)
+
+    @property
+    def n_images(self) -> int:
+        return self.store.n_images
+
+    @property
+    def finalized(self) -> bool:
+        return bool(self.store.attrs["finalized"])
+
+    @property
+    def mean(self) -> np.ndarray:
+        """ndarray of shape (P, d), float64: the exact mean of every position's embeddings."""
+        return read_array(self.store.mean_array())
+
+    def covariance(self) -> np.ndarray:
+        """ndarray of shape (P, d, d), float64: the exact sample covariance ``m2 / (n - 1)``.
+
+        eps * I is *not* included (finalize adds it before inverting).
+        """
+        n = self.store.n_images
+        if n < 2:
+            raise PadimError(f"a covariance needs at least 2 images, the model has {n}")
+        return read_array(self.store.m2_array()) / (n - 1)
+
+    @property
+    def extractor(self) -> Extractor:
+        """The extractor rebuilt from the stored configuration (weights checked by digest)."""
+        if self._extractor is None:
+            self._extractor = Extractor.from_config(self.store.config, device=self._device,
+                                                    weights=self._weights)
+        return self._extractor
+
+    def _statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._final is None:
+            mean, prec = self.store.final_arrays()
+            device = self.extractor.device
+            self._final = (torch.from_numpy(read_array(mean)).to(device),
+                           torch.from_numpy(read_array(prec)).to(device))
+        return self._final
+
+    def score_batch(self, batch: torch.Tensor, *, sigma: float = DEFAULT_SIGMA):
+        """Image scores (B,) and anomaly maps (B, crop, crop) of a preprocessed batch (tensors)."""
+        mean, prec = self._statistics()
+        feats = self.extractor.embed(batch)
+        with torch.inference_mode():
+            maps = anomaly_maps(mahalanobis(feats, mean, prec), self.extractor.preprocess.crop, sigma)
+            return maps.amax(dim=(1, 2)), maps
+
+    def score(self, images, *, batch_size: int = 32, sigma: float = DEFAULT_SIGMA):
+        """Score images.
+
+        Parameters
+        ----------
+        images : Tensor of shape (N, 3, crop, crop), or a sequence of paths or PIL images
+            A tensor is taken as already preprocessed.
+
+        Returns
+        -------
+        scores : ndarray of shape (N,), float32
+        maps : ndarray of shape (N, crop, crop), float32
+        """
+        if isinstance(images, torch.Tensor):
+            chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        else:
+            pre = self.extractor.preprocess
+            items = [im if isinstance(im, Image.Image) else decode_rgb(Path(im).read_bytes()) for im in images]
+            chunks = [torch.stack([pre(im) for im in items[i:i + batch_size]])
+                      for i in range(0, len(items), batch_size)]
+        scores, maps = [], []
+        for chunk in chunks:
+            s, m = self.score_batch(chunk, sigma=sigma)
+            scores.append(s.float().cpu().numpy())
+            maps.append(m.float().cpu().numpy())
+        crop = self.extractor.preprocess.crop
+        if not scores:
+            return np.zeros(0, np.float32), np.zeros((0, crop, crop), np.float32)
+        return np.concatenate(scores), np.concatenate(maps)
+
+
+def score_paths(model: Model, paths: Sequence[Path], *, batch_size: int = 32, sigma: float = DEFAULT_SIGMA,
+                loader_workers: int | None = None, on_error: str = "skip", on_batch=None):
+    """Score image files in input order, streaming.
+
+    Calls ``on_batch(indices, scores, maps)`` for every batch (indices into
+    ``paths``); returns a list of ``(index, error)`` for images that could not
+    be read (``on_error='fail'`` raises at the first instead).
+    """
+    ex = model.extractor
+    model._statistics()  # fail early if not finalized
+    dataset = ImageFiles(paths, ex.preprocess)
+    bad: list[tuple[int, str]] = []
+    for indices, _digests, batch, ok, errors in loader(dataset, batch_size, workers=loader_workers,
+                                                       pin_memory=ex.device.type == "cuda"):
+        for i, err in zip(indices, errors):
+            if err is not None:
+                if on_error == "fail":
+                    raise PadimError(f"bad image {os.fsdecode(paths[i])}: {err}")
+                bad.append((i, err))
+        if batch is None:
+            continue
+        scores, maps = model.score_batch(batch, sigma=sigma)
+        kept = [i for i, good in zip(indices, ok) if good]
+        on_batch(kept, scores.float().cpu().numpy(), maps.float().cpu().numpy())
+    return bad
+
+
+def check_finite(values: np.ndarray, what: str) -> None:
+    """A clear error if ``values`` holds NaN or infinity."""
+    if not np.isfinite(values).all():
+        raise PadimError(f"{what} contains non-finite values (NaN or infinity)")
+
+
+__all__ = ["Model", "mahalanobis", "anomaly_maps", "score_paths", "DEFAULT_SIGMA"]
