@@ -1,0 +1,78 @@
+"""Writers for score results: scores.csv in input order, maps.zarr."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import zarr
+
+from .errors import PadimError
+
+
+def display_name(path: Path) -> str:
+    """A path as printable text (undecodable bytes escaped)."""
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class ScoreWriter:
+    """Collects (index, score, map) batches and writes them in input order.
+
+    Scores are kept in memory (8 bytes an image) and written at the end;
+    maps go to ``out/maps.zarr`` as they arrive, at their input index, and the
+    array is compacted (skipped images removed) when it closes.
+    """
+
+    def __init__(self, out: str | os.PathLike, paths: Sequence[Path], *, crop: int, maps: bool = False):
+        self.out = Path(out)
+        self.paths = list(paths)
+        self.scores = np.full(len(self.paths), np.nan)
+        self.done = np.zeros(len(self.paths), bool)
+        self.maps = None
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PadimError(f"cannot create the output folder {self.out}: {err.strerror}") from None
+        if maps:
+            self.maps = zarr.create_array(str(self.out / "maps.zarr"), shape=(len(self.paths), crop, crop),
+                                          chunks=(1, crop, crop), dtype="float16", overwrite=True)
+
+    def name(self, i: int) -> str:
+        return display_name(self.paths[i])
+
+    @property
+    def count(self) -> int:
+        return int(self.done.sum())
+
+    def add(self, indices: Sequence[int], scores: np.ndarray, maps: np.ndarray | None) -> None:
+        idx = np.asarray(indices, dtype=np.int64)
+        self.scores[idx] = scores
+        self.done[idx] = True
+        if self.maps is not None and maps is not None:
+            for row, i in enumerate(idx):
+                self.maps[int(i)] = maps[row].astype(np.float16)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        return False
+
+    def close(self) -> None:
+        with open(self.out / "scores.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "score"])
+            for i in np.flatnonzero(self.done):
+                w.writerow([self.name(i), repr(float(self.scores[i]))])
+        if self.maps is not None:
+            kept = np.flatnonzero(self.done)
+            if len(kept) != len(self.paths):
+                for new, old in enumerate(kept):
+                    if new != old:
+                        self.maps[new] = self.maps[int(old)]
+                self.maps.resize((len(kept),) + self.maps.shape[1:])
+            self.maps.attrs["paths"] = [self.name(i) for i in kept]
