@@ -12,6 +12,7 @@ import torch
 from torchvision.models import get_model, get_model_weights, list_models
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import PadimError
 
 DEFAULT_LAYERS = {
@@ -31,9 +32,25 @@ def default_layers(name: str) -> list[str]:
         from .lite0 import LITE0_NODES
 
         return list(LITE0_NODES)
+    _check_name(name)
     if name not in DEFAULT_LAYERS:
         raise PadimError(f"no default layers for backbone {name!r}: pass --layers (node names)")
     return list(DEFAULT_LAYERS[name])
+
+
+def _check_name(name: str) -> None:
+    if name != LITE0 and name not in list_models():
+        raise PadimError(f"unknown backbone {name!r}: use a torchvision classification model "
+                         f"name (e.g. resnet18, wide_resnet50_2) or {LITE0}")
+
+
+def normalization(name: str) -> tuple[tuple, tuple]:
+    """(mean, std) of the input normalisation the backbone's pretrained weights expect."""
+    if name == LITE0:
+        from .lite0 import LITE0_MEAN, LITE0_STD
+
+        return tuple(LITE0_MEAN), tuple(LITE0_STD)
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def _classifier(name: str, weights: str | None, seed: int) -> tuple[torch.nn.Module, str]:
@@ -49,9 +66,7 @@ def _classifier(name: str, weights: str | None, seed: int) -> tuple[torch.nn.Mod
             return build_lite0(pretrained=True), "file:" + file_hash(lite0_weights_path())
         model = build_lite0(pretrained=False)
         return model, _load_file(model, Path(weights))
-    if name not in list_models():
-        raise PadimError(f"unknown backbone {name!r}: use a torchvision classification model "
-                         f"name (e.g. resnet18, wide_resnet50_2) or {LITE0}")
+    _check_name(name)
     if weights in (None, "none"):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

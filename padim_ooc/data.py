@@ -94,12 +94,12 @@ def decode_rgb(data: bytes) -> Image.Image:
         arr = np.asarray(img)
         scale = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else 2**32 - 1
         arr = np.clip(arr.astype(np.float64) * (255.0 / scale), 0, 255).round().astype(np.uint8)
-        img = Image.fromarray(arr, mode="L")
+        img = Image.fromarray(arr)
     elif img.mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
         lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
         arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+        img = Image.fromarray(arr.round().astype(np.uint8))
     elif img.mode == "P":
         img = img.convert("RGBA")
     return img.convert("RGB") if img.mode != "RGB" else img

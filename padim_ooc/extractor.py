@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backbones
-from .data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .data import Preprocess
 from .errors import PadimError
 
 
@@ -57,13 +57,16 @@ class Extractor:
     channels : list of int, optional
         The channel indices to keep (overrides ``dims``/``seed`` draw; used
         when a stored model is reopened).
+    mean, std : tuple of 3 floats, optional
+        Input normalisation; default: what the backbone's weights expect
+        (ImageNet's for torchvision models).
     """
 
     def __init__(self, backbone: str = "resnet18", *, layers: list[str] | None = None,
                  dims: int | None = None, seed: int = 0, weights: str | None = "default",
                  resize: int = 256, crop: int = 224, device: str = "auto",
                  channels: list[int] | None = None,
-                 mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+                 mean: tuple | None = None, std: tuple | None = None):
         if crop > resize:
             raise PadimError(f"crop {crop} is larger than resize {resize}")
         if crop < 32:
@@ -72,7 +75,8 @@ class Extractor:
         self.layers = list(layers) if layers else backbones.default_layers(backbone)
         self.seed = int(seed)
         self.device = resolve_device(device)
-        self.preprocess = Preprocess(resize, crop, tuple(mean), tuple(std))
+        default_mean, default_std = backbones.normalization(backbone)
+        self.preprocess = Preprocess(resize, crop, tuple(mean or default_mean), tuple(std or default_std))
         module, self.weights_id = backbones.build(backbone, self.layers, weights, self.seed)
         self.weights_digest = backbones.state_digest(module)
         self._module = module.to(self.device)

@@ -1,0 +1,109 @@
+"""The streaming fit equals the exact two-pass float64 statistics of the extractor's features."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import padim_ooc as po
+from padim_ooc.data import decode_rgb, list_images
+from padim_ooc.store import ModelStore
+
+
+def exact_stats(extractor, paths, batch_size):
+    """Two-pass float64 mean and covariance of the extractor's own features, numpy only.
+
+    The features are computed with the same batch composition as the fit
+    (oneDNN convolutions on the CPU differ by ~1e-6 with the batch size).
+    """
+    x = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes())) for p in paths])
+    feats = torch.cat([extractor.embed(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    f = feats.flatten(2).permute(2, 0, 1).double().numpy()  # (P, N, d)
+    mean = f.mean(axis=1)
+    c = f - mean[:, None, :]
+    cov = np.einsum("pni,pnj->pij", c, c) / (f.shape[1] - 1)
+    return mean, cov
+
+
+def rel(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 32])
+def test_fit_equals_two_pass(tmp_path, image_dir, extractor, batch_size):
+    model = po.fit([image_dir], tmp_path / "m.zarr", extractor=extractor, batch_size=batch_size,
+                   checkpoint_every=9, loader_workers=0)
+    paths = list_images([image_dir])
+    mean, cov = exact_stats(extractor, paths, batch_size)
+    assert model.n_images == 40
+    assert model.finalized
+    assert model.mean.shape == (extractor.positions, 100)
+    assert rel(model.mean, mean) <= 1e-9
+    assert rel(model.covariance(), cov) <= 1e-9
+    # several checkpoints were written and only the last state is left
+    groups = sorted(ModelStore.open(tmp_path / "m.zarr").group.group_keys())
+    states = [g for g in groups if g.startswith("state-")]
+    assert len(states) == 1 and int(states[0].split("-")[1]) >= 2
+
+
+def test_incremental_equals_one_shot(tmp_path, image_dir, extractor):
+    # batch compositions line up (20 = 2 x 10), so the features are bit-identical
+    one = po.fit([image_dir], tmp_path / "one.zarr", extractor=extractor, batch_size=10, loader_workers=0)
+    two_path = tmp_path / "two.zarr"
+    po.fit([image_dir / "a"], two_path, extractor=extractor, batch_size=10, loader_workers=0)
+    assert po.open_model(two_path).n_images == 20
+    two = po.fit([image_dir], two_path, extractor=extractor, batch_size=10, loader_workers=0)
+    assert two.n_images == 40
+    assert rel(two.mean, one.mean) <= 1e-12
+    assert rel(two.covariance(), one.covariance()) <= 1e-12
+    batch = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes()))
+                         for p in list_images([image_dir / "b"])[:6]])
+    s1, m1 = one.score(batch)
+    s2, m2 = two.score(batch)
+    np.testing.assert_allclose(s2, s1, rtol=1e-5)
+    np.testing.assert_allclose(m2, m1, rtol=1e-4, atol=1e-4)
+
+
+def test_refit_same_images_adds_nothing(tmp_path, image_dir, extractor):
+    path = tmp_path / "m.zarr"
+    first = po.fit([image_dir / "a"], path, extractor=extractor, batch_size=8, loader_workers=0)
+    mean = first.mean
+    again = po.fit([image_dir / "a"], path, extractor=extractor, batch_size=8, loader_workers=0)
+    assert again.n_images == 20
+    assert np.array_equal(again.mean, mean)
+
+
+def test_duplicate_file_counted_once(tmp_path, image_dir, extractor):
+    src = list_images([image_dir / "a"])
+    folder = tmp_path / "dup"
+    folder.mkdir()
+    for p in src[:5]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "copy.png").write_bytes(src[0].read_bytes())
+    model = po.fit([folder], tmp_path / "m.zarr", extractor=extractor, batch_size=4, loader_workers=0)
+    assert model.n_images == 5
+
+
+def test_incompatible_config_is_refused(tmp_path, image_dir, extractor):
+    path = tmp_path / "m.zarr"
+    po.fit([image_dir / "a"], path, extractor=extractor, batch_size=8, loader_workers=0, finalize=False)
+    other = po.Extractor("resnet18", weights=None, seed=1, resize=72, crop=64, device="cpu")
+    with pytest.raises(po.PadimError, match="channels"):
+        po.fit([image_dir / "b"], path, extractor=other, loader_workers=0)
+
+
+def test_loader_workers_give_same_statistics(tmp_path, image_dir, extractor):
+    a = po.fit([image_dir / "a"], tmp_path / "a.zarr", extractor=extractor, batch_size=8,
+               loader_workers=0, finalize=False)
+    b = po.fit([image_dir / "a"], tmp_path / "b.zarr", extractor=extractor, batch_size=8,
+               loader_workers=2, finalize=False)
+    assert rel(b.covariance(), a.covariance()) <= 1e-12
+
+
+def test_reopened_extractor_gives_the_same_features(tmp_path, image_dir, extractor):
+    model = po.fit([image_dir / "a"], tmp_path / "m.zarr", extractor=extractor, batch_size=8, loader_workers=0)
+    reopened = po.open_model(tmp_path / "m.zarr", device="cpu")
+    x = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes())) for p in list_images([image_dir / "b"])[:4]])
+    assert torch.equal(reopened.extractor.embed(x), extractor.embed(x))
+    assert reopened.extractor.channels == extractor.channels
+    assert model.attrs["channels"] == extractor.channels

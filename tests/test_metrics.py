@@ -1,0 +1,291 @@
+"""Tests of padim_ooc.metrics against sklearn and against brute-force references."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from padim_ooc import metrics
+from padim_ooc.metrics import (DEFAULT_N_BINS, PixelRocAccumulator, ProAccumulator,
+                               image_auroc, pixel_auroc, pro_score)
+
+
+def realistic_maps(seed, n=24, size=128, outlier=True):
+    """PaDiM-like data: smooth Mahalanobis-like noise around 10, elliptic defects
+    in half the images with a blurred bump of random height, one far outlier
+    (which stretches the bin range the way a hot pixel does in practice)."""
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.standard_normal((n, size, size)), (0, 4, 4))
+    maps = 10 + 2 * noise / noise.std()
+    yy, xx = np.mgrid[:size, :size]
+    masks = np.zeros((n, size, size), dtype=bool)
+    for i in range(n // 2):
+        for _ in range(rng.integers(1, 4)):
+            (cy, cx), (ry, rx) = rng.integers(0, size, 2), rng.uniform(2, size / 6, 2)
+            masks[i] |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    bump = ndimage.gaussian_filter(masks.astype(float), (0, 3, 3))
+    maps += rng.uniform(4, 10, (n, 1, 1)) * bump
+    if outlier:
+        maps[-1, 0, 0] = 200.0
+    return masks, maps.astype(np.float32)
+
+
+def boxes_case(seed, n=6, size=30, cell=10):
+    """Masks made of separated rectangles (at least one pixel of gap, so the
+    listed boxes are exactly the 8-connected regions), two images without any
+    defect, and the list of regions as (image, slice, slice)."""
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), dtype=bool)
+    regions = []
+    for i in range(n - 2):
+        for cy in range(0, size, cell):
+            for cx in range(0, size, cell):
+                if rng.random() < 0.5:
+                    h, w = rng.integers(1, cell - 1, 2)
+                    y, x = cy + rng.integers(0, cell - h), cx + rng.integers(0, cell - w)
+                    region = (i, slice(y, y + h), slice(x, x + w))
+                    masks[region] = True
+                    regions.append(region)
+    maps = rng.normal(size=masks.shape) + masks * rng.uniform(0, 3, masks.shape)
+    return masks, maps, regions
+
+
+def bruteforce_pro(masks, maps, regions, thresholds, fpr_limit=0.3):
+    """PRO from its definition, one threshold at a time, plus the point (0, 0)
+    for a threshold above every score; area by walking the segments."""
+    normal = maps[~masks]
+    points = [(0.0, 0.0)]
+    for t in np.sort(thresholds)[::-1]:
+        fpr = np.mean(normal >= t)
+        pro = np.mean([np.mean(maps[r] >= t) for r in regions])
+        points.append((fpr, pro))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
+        if x0 >= fpr_limit:
+            break
+        if x1 > fpr_limit:
+            y1 = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+            x1 = fpr_limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / fpr_limit
+
+
+def sorted_exact_pro(masks, maps, fpr_limit=0.3):
+    """Exact PRO for large inputs: sort all pixels by score and take one curve
+    point after each group of tied scores (cumulative counts, no thresholds)."""
+    labels = [ndimage.label(m, structure=np.ones((3, 3)))[0] for m in masks]
+    weights, normal, n_regions = [], [], 0
+    for lab in labels:
+        sizes = np.bincount(lab.ravel())
+        weights.append(np.where(lab > 0, 1.0 / sizes[lab], 0.0).ravel())
+        normal.append((lab == 0).ravel())
+        n_regions += lab.max()
+    order = np.argsort(-maps.ravel().astype(np.float64), kind="stable")
+    scores = maps.ravel()[order]
+    weights, normal = np.concatenate(weights)[order], np.concatenate(normal)[order]
+    ends = np.append(np.nonzero(np.diff(scores))[0], scores.size - 1)
+    fpr = np.append(0.0, np.cumsum(normal)[ends] / normal.sum())
+    pro = np.append(0.0, np.cumsum(weights)[ends] / n_regions)
+    keep = fpr <= fpr_limit
+    nxt = np.argmax(~keep)  # first point past the limit
+    x = np.append(fpr[keep], fpr_limit)
+    y = np.append(pro[keep], np.interp(fpr_limit, fpr[nxt - 1:nxt + 1], pro[nxt - 1:nxt + 1]))
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / fpr_limit)
+
+
+# ---------------------------------------------------------------- image AUROC
+
+@pytest.mark.parametrize("seed", range(3))
+def test_image_auroc_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 50)
+    scores = np.round(rng.normal(size=50) + labels, 1)  # rounding makes ties
+    assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_image_auroc_errors():
+    with pytest.raises(ValueError, match="only label 1"):
+        image_auroc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="0 .good. or 1"):
+        image_auroc([0, 2, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="equal length"):
+        image_auroc([0, 1], [0.1, 0.2, 0.3])
+
+
+# ---------------------------------------------------------------- pixel AUROC
+
+def test_pixel_auroc_exact_path_matches_sklearn():
+    masks, maps = realistic_maps(0, n=6, size=32)
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    # n_bins=2 would be far off if the binned path were taken by mistake
+    assert pixel_auroc(masks, maps, n_bins=2) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pixel_auroc_binned_close_to_exact():
+    masks, maps = realistic_maps(1)  # 24 x 128 x 128 = 393,216 pixels
+    exact = roc_auc_score(masks.ravel(), maps.ravel())
+    assert 0.9 < exact < 0.99  # the data look like a working detector
+    errors = {nb: abs(pixel_auroc(masks, maps, max_exact_pixels=0, n_bins=nb) - exact)
+              for nb in (8, 2**10, DEFAULT_N_BINS)}
+    assert errors[DEFAULT_N_BINS] < 1e-5  # measured 4.2e-7
+    assert errors[2**10] < 1e-3  # measured 1.1e-4
+    assert errors[8] > 1e-3  # coarse bins are visibly wrong: the check can fail
+
+
+def test_pixel_auroc_binned_ties_count_half():
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[0, :2] = True
+    maps = np.full(masks.shape, 3.0)
+    assert pixel_auroc(masks, maps, max_exact_pixels=0) == 0.5
+    maps[0, 0, 0] = 4.0  # one defect pixel above all: 1/8 of pairs won, the rest tied
+    assert pixel_auroc(masks, maps, max_exact_pixels=0) == pytest.approx(1 / 8 + 7 / 8 / 2)
+
+
+def test_pixel_accumulator_batches_equal_one_shot():
+    masks, maps = realistic_maps(2, n=10, size=32)
+    lo, hi = float(maps.min()), float(maps.max())
+    whole = PixelRocAccumulator(lo, hi).update(masks, maps)
+    parts = PixelRocAccumulator(lo, hi)
+    for part in (slice(0, 3), slice(3, 4), slice(4, 10)):  # uneven batches
+        parts.update(masks[part], maps[part])
+    np.testing.assert_array_equal(parts.pos_hist_, whole.pos_hist_)
+    np.testing.assert_array_equal(parts.neg_hist_, whole.neg_hist_)
+    assert parts.auroc() == whole.auroc() == pixel_auroc(masks, maps, max_exact_pixels=0)
+    merged = PixelRocAccumulator(lo, hi).update(masks[:4], maps[:4]).merge(
+        PixelRocAccumulator(lo, hi).update(masks[4:], maps[4:]))
+    assert merged.auroc() == whole.auroc()
+    with pytest.raises(ValueError, match="same class and settings"):
+        merged.merge(PixelRocAccumulator(lo, hi + 1))
+
+
+def test_pixel_accumulator_clips_out_of_range():
+    acc = PixelRocAccumulator(0.0, 1.0, n_bins=4)
+    acc.update(np.array([[[1, 0, 0]]]), np.array([[[7.0, -5.0, 0.6]]]))
+    np.testing.assert_array_equal(acc.pos_hist_, [0, 0, 0, 1])
+    np.testing.assert_array_equal(acc.neg_hist_, [1, 0, 1, 0])
+    assert acc.auroc() == 1.0
+
+
+def test_pixel_auroc_errors():
+    masks, maps = np.zeros((2, 3, 3)), np.ones((2, 3, 3))
+    for limit in (10**9, 0):  # exact and binned paths
+        with pytest.raises(ValueError, match="both defect and normal"):
+            pixel_auroc(masks, maps, max_exact_pixels=limit)
+    with pytest.raises(ValueError, match=r"shape \(N, H, W\)"):
+        pixel_auroc(masks, maps[:1])
+    with pytest.raises(ValueError, match="lo < hi"):
+        PixelRocAccumulator(1.0, 1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        PixelRocAccumulator(0.0, 1.0).update(masks, maps * np.nan)
+
+
+# ---------------------------------------------------------------------- PRO
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pro_matches_bruteforce_on_the_same_thresholds(seed):
+    masks, maps, regions = boxes_case(seed)
+    n = 64  # coarse on purpose: exact agreement then checks the binned logic itself
+    edges = np.linspace(maps.min(), maps.max(), n + 1)
+    expected = bruteforce_pro(masks, maps, regions, edges[:-1])  # top edge = (0, 0)
+    assert pro_score(masks, maps, n_thresholds=n) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_pro_default_thresholds_close_to_exact_curve(seed):
+    masks, maps, regions = boxes_case(seed)
+    exact = bruteforce_pro(masks, maps, regions, np.unique(maps))  # every score a threshold
+    assert abs(pro_score(masks, maps) - exact) < 5e-5  # measured 8.9e-7, 3.8e-7
+    assert abs(pro_score(masks, maps, n_thresholds=2**10) - exact) < 1e-3  # 6.5e-5, 1.5e-4
+    assert abs(pro_score(masks, maps, n_thresholds=4) - exact) > 1e-3  # the check can fail
+    assert sorted_exact_pro(masks, maps) == pytest.approx(exact, abs=1e-12)
+
+
+def test_pro_binned_close_to_exact_on_realistic_maps():
+    masks, maps = realistic_maps(1)  # 24 x 128 x 128, 393,216 pixels
+    exact = sorted_exact_pro(masks, maps)
+    assert 0.7 < exact < 0.95
+    assert abs(pro_score(masks, maps) - exact) < 1e-5  # measured 2.4e-6
+    assert abs(pro_score(masks, maps, n_thresholds=2**10) - exact) < 1e-3  # measured 2.7e-4
+
+
+def test_pro_perfect_detector_is_one():
+    masks, _, _ = boxes_case(0)
+    assert pro_score(masks, masks.astype(float)) == 1.0
+
+
+def test_pro_constant_map():
+    masks, _, _ = boxes_case(0)
+    maps = np.zeros(masks.shape)
+    # every pixel tied: the curve is the diagonal PRO = FPR, area 0.3**2 / 2, / 0.3
+    assert pro_score(masks, maps) == pytest.approx(0.15, abs=1e-12)
+    assert pro_score(masks, maps, fpr_limit=1.0) == pytest.approx(0.5, abs=1e-12)
+
+
+def test_pro_hand_computed():
+    # one row: region A (2 px), 10 normal pixels scored 10..1, region B (2 px)
+    masks = np.array([[[1, 1] + [0] * 10 + [1, 1]]])
+    maps = np.array([[[20.0, 5.5] + list(range(10, 0, -1)) + [8.5, 0.5]]])
+    # t=20: (FPR 0, PRO .25); t=10, 9: FPR .1, .2; t=8.5: B half found, PRO .5;
+    # t=8: FPR .3. Area = .2 * .25 + .1 * .5 = .1 -> / .3 = 1/3
+    assert pro_score(masks, maps) == pytest.approx(1 / 3, abs=1e-12)
+    # up to FPR .25 (inside the flat piece from .2 to .3): (.05 + .05 * .5) / .25
+    assert pro_score(masks, maps, fpr_limit=0.25) == pytest.approx(0.3, abs=1e-12)
+    # an image without defects, all scores 0, adds 14 normal pixels: FPR steps 1/24.
+    # t=20 (0, .25); t=10, 9 (2/24); t=8.5 PRO .5; t=8, 7, 6 (5/24); t=5.5 A full,
+    # PRO .75; t=5 (6/24 = .25). Area = (2 * .25 + 3 * .5 + 1 * .75) / 24 -> / .25 = 11/24
+    masks2, maps2 = np.concatenate([masks, 0 * masks]), np.concatenate([maps, 0 * maps])
+    assert pro_score(masks2, maps2, fpr_limit=0.25) == pytest.approx(11 / 24, abs=1e-12)
+
+
+def test_pro_connectivity():
+    masks = np.zeros((1, 4, 4), dtype=bool)
+    masks[0, 0, :2] = masks[0, 1, 2] = True  # a pair and a pixel touching it diagonally
+    maps = np.arange(16.0).reshape(1, 4, 4) + 100 * masks
+    maps[0, 0, :2] = -1.0  # the pair below everything, the lone pixel above everything
+    # 8-connected: one region of 3 px, 1/3 found; 4-connected: (0 + 1) / 2 regions
+    assert pro_score(masks, maps) == pytest.approx(1 / 3, abs=1e-12)
+    assert pro_score(masks, maps, connectivity=4) == pytest.approx(1 / 2, abs=1e-12)
+
+
+def test_pro_accumulator_batches_equal_one_shot():
+    masks, maps, _ = boxes_case(3)
+    lo, hi = maps.min(), maps.max()
+    parts = ProAccumulator(lo, hi)
+    for part in (slice(0, 1), slice(1, 5), slice(5, 6)):
+        parts.update(masks[part], maps[part])
+    assert parts.n_regions_ == ndimage.label(masks[0], np.ones((3, 3)))[1] + sum(
+        ndimage.label(m, np.ones((3, 3)))[1] for m in masks[1:])
+    assert parts.score() == pytest.approx(pro_score(masks, maps), abs=1e-12)
+    merged = ProAccumulator(lo, hi).update(masks[:2], maps[:2]).merge(
+        ProAccumulator(lo, hi).update(masks[2:], maps[2:]))
+    assert merged.score() == pytest.approx(parts.score(), abs=1e-12)
+
+
+def test_one_shot_forms_give_the_same_result_in_chunks(monkeypatch):
+    masks, maps, _ = boxes_case(4)
+    expected = (pixel_auroc(masks, maps, max_exact_pixels=0), pro_score(masks, maps))
+    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", 2000)  # 2 images of 900 px a chunk
+    assert pixel_auroc(masks, maps, max_exact_pixels=0) == expected[0]
+    assert pro_score(masks, maps) == pytest.approx(expected[1], abs=1e-12)
+
+
+def test_masks_stored_as_0_255_count_as_defects():
+    masks, maps, _ = boxes_case(5)
+    png_like = masks.astype(np.uint8) * 255
+    assert pixel_auroc(png_like, maps) == pixel_auroc(masks, maps)
+    assert pixel_auroc(png_like, maps, max_exact_pixels=0) == pixel_auroc(
+        masks, maps, max_exact_pixels=0)
+    assert pro_score(png_like, maps) == pro_score(masks, maps)
+
+
+def test_pro_edge_cases():
+    maps = np.random.default_rng(0).normal(size=(3, 8, 8))
+    assert np.isnan(pro_score(np.zeros(maps.shape), maps))
+    with pytest.raises(ValueError, match="0 normal pixels"):
+        pro_score(np.ones(maps.shape), maps)
+    with pytest.raises(ValueError, match="fpr_limit"):
+        pro_score(maps > 1, maps, fpr_limit=0)
+    with pytest.raises(ValueError, match="connectivity"):
+        pro_score(maps > 1, maps, connectivity=6)
+    with pytest.raises(ValueError, match="NaN"):
+        pro_score(maps > 1, maps * np.nan)

@@ -1,0 +1,74 @@
+"""Scores against an independent Mahalanobis (scipy), maps, and the finalize step."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+import padim_ooc as po
+from padim_ooc.data import decode_rgb, list_images
+from padim_ooc.finalize import precision_block
+from padim_ooc.score import anomaly_maps, mahalanobis
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, image_dir, extractor):
+    path = tmp_path_factory.mktemp("model") / "m.zarr"
+    return po.fit([image_dir / "a"], path, extractor=extractor, batch_size=8, loader_workers=0)
+
+
+def test_mahalanobis_equals_scipy(fitted, image_dir, extractor):
+    x = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes())) for p in list_images([image_dir / "b"])[:3]])
+    feats = extractor.embed(x)
+    mean, prec = fitted._statistics()
+    dist = mahalanobis(feats, mean, prec).numpy()  # (B, h, w)
+    cov = fitted.covariance()
+    mu = fitted.mean
+    eps = fitted.attrs["eps"]
+    h, w = extractor.grid
+    f = feats.double().numpy()
+    for pos in (0, 17, h * w // 2, h * w - 1):
+        i, j = divmod(pos, w)
+        vi = np.linalg.inv(cov[pos] + eps * np.eye(cov.shape[1]))
+        for b in range(3):
+            ref = scipy_mahalanobis(f[b, :, i, j], mu[pos], vi)
+            assert dist[b, i, j] == pytest.approx(ref, rel=2e-4)
+
+
+def test_maps_are_upsampled_blurred_distances(fitted, image_dir, extractor):
+    x = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes())) for p in list_images([image_dir / "b"])[:2]])
+    scores, maps = fitted.score(x)
+    assert maps.shape == (2, 64, 64)
+    np.testing.assert_allclose(scores, maps.reshape(2, -1).max(axis=1))
+    mean, prec = fitted._statistics()
+    dist = mahalanobis(extractor.embed(x), mean, prec)
+    up = anomaly_maps(dist, 64, sigma=0).numpy()
+    # independent blur: scipy's gaussian_filter with symmetric-reflect edges differs only at borders
+    ref = np.stack([gaussian_filter(u, sigma=4, mode="mirror", truncate=4.0) for u in up])
+    np.testing.assert_allclose(maps[:, 20:44, 20:44], ref[:, 20:44, 20:44], rtol=1e-4)
+
+
+def test_score_from_paths_equals_tensor(fitted, image_dir, extractor):
+    paths = list_images([image_dir / "b"])[:3]
+    x = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes())) for p in paths])
+    s_paths, _ = fitted.score(paths)
+    s_tensor, _ = fitted.score(x)
+    np.testing.assert_allclose(s_paths, s_tensor, rtol=1e-6)
+
+
+def test_precision_block_is_the_inverse():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 160, 200))  # d > 150: the batched-LU trap on this stack
+    m2 = a @ a.transpose(0, 2, 1)
+    prec = precision_block(m2, 201, 0.01)
+    for p in range(4):
+        ref = np.linalg.inv(m2[p] / 200 + 0.01 * np.eye(160))
+        np.testing.assert_allclose(prec[p], ref, rtol=1e-3, atol=1e-5 * np.abs(ref).max())
+
+
+def test_unfinalized_model_cannot_score(tmp_path, image_dir, extractor):
+    model = po.fit([image_dir / "a"], tmp_path / "m.zarr", extractor=extractor, loader_workers=0, finalize=False)
+    with pytest.raises(po.PadimError, match="not finalized"):
+        model.score(torch.zeros(1, 3, 64, 64))

@@ -1,0 +1,113 @@
+"""Welford/Chan kernels against numpy two-pass float64, on data with a large offset."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from padim_ooc.welford import Moments, advance, merge, merge_, update_
+
+P, D = 5, 6
+
+
+def two_pass(x: np.ndarray):
+    """x: (P, N, d) -> exact mean (P, d) and m2 (P, d, d), in float64, two passes."""
+    mean = x.mean(axis=1)
+    c = x - mean[:, None, :]
+    return mean, np.einsum("pni,pnj->pij", c, c)
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    rng = np.random.default_rng(42)
+    # mean ~1e4, variance ~1, correlated dimensions: the raw-moment formula loses ~8 digits here
+    mix = rng.normal(size=(D, D)) / np.sqrt(D)
+    x = rng.normal(size=(P, 61, D)) @ mix + 1e4 + rng.normal(size=(P, 1, D))
+    return x
+
+
+SPLITS = {
+    "single": [61],
+    "ones": [1] * 61,
+    "uneven": [1, 2, 7, 13, 1, 30, 7],
+    "halves": [30, 31],
+    "leading_one": [1, 60],
+    "trailing_one": [60, 1],
+}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_update_matches_two_pass(data, split):
+    mean_ref, m2_ref = two_pass(data)
+    acc = Moments.zeros(P, D)
+    start = 0
+    for size in SPLITS[split]:
+        batch = torch.from_numpy(data[:, start:start + size])
+        update_(acc, batch[:2], start=0, stop=2)  # uneven position blocks
+        update_(acc, batch[2:], start=2, stop=P)
+        advance(acc, size)
+        start += size
+    assert acc.n == 61
+    assert rel(acc.mean, mean_ref) <= 1e-10
+    assert rel(acc.m2, m2_ref) <= 1e-10
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_merge_of_shards_both_orders(data, split):
+    mean_ref, m2_ref = two_pass(data)
+    bounds = np.cumsum([0] + SPLITS[split])
+    shards = [Moments.from_batch(torch.from_numpy(data[:, a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+    for order in (shards, shards[::-1]):
+        total = Moments.zeros(P, D)
+        for s in order:
+            merge_(total, s)
+        assert total.n == 61
+        assert rel(total.mean, mean_ref) <= 1e-10
+        assert rel(total.m2, m2_ref) <= 1e-10
+
+
+def test_functional_merge_every_pair_direction(data):
+    """merge(a, b) == merge(b, a) == two-pass, for every cut point; inputs untouched."""
+    mean_ref, m2_ref = two_pass(data)
+    for cut in (1, 5, 30, 60):
+        a = Moments.from_batch(torch.from_numpy(data[:, :cut]))
+        b = Moments.from_batch(torch.from_numpy(data[:, cut:]))
+        a_mean = a.mean.clone()
+        for x, y in itertools.permutations([a, b]):
+            m = merge(x, y)
+            assert m.n == 61
+            assert rel(m.mean, mean_ref) <= 1e-10
+            assert rel(m.m2, m2_ref) <= 1e-10
+        assert torch.equal(a.mean, a_mean)
+
+
+def test_merge_with_empty_is_identity(data):
+    a = Moments.from_batch(torch.from_numpy(data[:, :10]))
+    empty = Moments.zeros(P, D)
+    for m in (merge(a, empty), merge(empty, a)):
+        assert m.n == 10 and torch.equal(m.mean, a.mean) and torch.equal(m.m2, a.m2)
+
+
+def test_raw_moments_would_fail_here(data):
+    """The data really is hard: the one-pass raw-moment formula in float32 is far off."""
+    _, m2_ref = two_pass(data)
+    x = torch.from_numpy(data).float()
+    n = x.shape[1]
+    s = x.sum(1)
+    raw = torch.einsum("pni,pnj->pij", x, x) - s.unsqueeze(2) * s.unsqueeze(1) / n
+    assert rel(raw.numpy(), m2_ref) > 1e-3
+
+
+def test_covariance(data):
+    acc = Moments.from_batch(torch.from_numpy(data))
+    for p in range(P):
+        np.testing.assert_allclose(acc.covariance()[p].numpy(), np.cov(data[p].T), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        Moments.from_batch(torch.from_numpy(data[:, :1])).covariance()
