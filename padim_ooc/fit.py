@@ -14,9 +14,13 @@ from .errors import PadimError
 from .extractor import Extractor
 from .progress import bar
 from .store import ModelStore, positions_per_chunk, store_exists
-from .welford import advance, update_
+from .welford import Folder
 
 log = logging.getLogger("padim_ooc")
+
+# features buffered before they are folded into the statistics (see welford.Folder)
+FOLD_BYTES = 512 * 2**20
+FOLD_MAX_IMAGES = 256
 
 # fields that must match for images to be added to an existing model
 CONFIG_FIELDS = ("backbone", "layers", "channels", "weights_digest", "resize", "crop",
@@ -100,7 +104,9 @@ def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summ
     acc = store.load_moments(device=device)
     seen = store.ledger()
     dataset = ImageFiles(paths, extractor.preprocess, skip=frozenset(seen))
-    block = positions_per_chunk(extractor.dims)
+    per_sample = extractor.positions * extractor.dims * 4  # float32 features of one image
+    folder = Folder(acc, block=positions_per_chunk(extractor.dims),
+                    max_samples=min(FOLD_MAX_IMAGES, max(batch_size, FOLD_BYTES // per_sample)))
     pending: list[bytes] = []
     with bar(f"fit {Path(store.path).name}", len(paths), enabled=progress) as advance_bar:
         batches = loader(dataset, batch_size, workers=loader_workers, pin_memory=device.type == "cuda")
@@ -124,17 +130,16 @@ def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summ
                 if len(keep) < batch.shape[0]:
                     batch = batch[keep]
                 feats = extractor.embed(batch)
-                x = feats.flatten(2).permute(2, 0, 1)  # (P, b, d)
-                for start in range(0, x.shape[0], block):
-                    update_(acc, x[start:start + block], start=start, stop=start + block)
-                advance(acc, len(keep))
+                folder.add(feats.flatten(2).permute(2, 0, 1).contiguous())  # (P, b, d)
                 pending.extend(fresh)
                 summary.added += len(keep)
             if len(pending) >= checkpoint_every:
+                folder.flush()
                 store.checkpoint(acc, pending)
                 summary.checkpoints += 1
                 pending = []
             advance_bar(len(indices))
+    folder.flush()
     if pending or store.attrs["state"] is None and acc.n:
         store.checkpoint(acc, pending)
         summary.checkpoints += 1

@@ -129,3 +129,46 @@ def update_(acc: Moments, x: torch.Tensor, *, start: int = 0, stop: int | None =
 def advance(acc: Moments, nb: int) -> None:
     """Count a batch of ``nb`` samples once all its position blocks were folded in."""
     acc.n += nb
+
+
+class Folder:
+    """Folds samples into a state in large groups, block of positions by block.
+
+    A rank-``m`` update of a (d, d) matrix costs the same memory traffic for
+    any ``m``; folding one batch of 32 at a time leaves the update memory-bound.
+    ``Folder`` keeps up to ``max_samples`` samples (the caller bounds that by
+    bytes) and folds them in one go; :meth:`flush` before reading ``acc``.
+
+    Parameters
+    ----------
+    acc : Moments
+        The running state (changed in place).
+    block : int
+        Positions per update (bounds the float64 temporaries).
+    max_samples : int
+        Samples buffered before they are folded in.
+    """
+
+    def __init__(self, acc: Moments, *, block: int, max_samples: int):
+        self.acc = acc
+        self.block = block
+        self.max_samples = max(1, max_samples)
+        self._parts: list[torch.Tensor] = []
+        self._count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Buffer a batch of shape (P, b, d)."""
+        self._parts.append(x)
+        self._count += x.shape[1]
+        if self._count >= self.max_samples:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold every buffered sample into ``acc``."""
+        if not self._parts:
+            return
+        x = self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts, dim=1)
+        self._parts, count, self._count = [], self._count, 0
+        for start in range(0, x.shape[0], self.block):
+            update_(self.acc, x[start:start + self.block], start=start, stop=start + self.block)
+        advance(self.acc, count)

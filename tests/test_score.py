@@ -72,3 +72,15 @@ def test_unfinalized_model_cannot_score(tmp_path, image_dir, extractor):
     model = po.fit([image_dir / "a"], tmp_path / "m.zarr", extractor=extractor, loader_workers=0, finalize=False)
     with pytest.raises(po.PadimError, match="not finalized"):
         model.score(torch.zeros(1, 3, 64, 64))
+
+
+def test_separable_blur_equals_torchvision_2d():
+    from torchvision.transforms.v2 import functional as TF
+
+    from padim_ooc.score import gaussian_blur
+
+    x = torch.rand(3, 1, 70, 50)
+    for sigma in (1.0, 4.0):
+        k = 2 * int(4 * sigma + 0.5) + 1
+        np.testing.assert_allclose(gaussian_blur(x, sigma).numpy(), TF.gaussian_blur(x, [k, k], [sigma, sigma]).numpy(),
+                                   rtol=1e-5, atol=1e-5)
