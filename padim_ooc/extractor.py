@@ -60,13 +60,16 @@ class Extractor:
     mean, std : tuple of 3 floats, optional
         Input normalisation; default: what the backbone's weights expect
         (ImageNet's for torchvision models).
+    amp : bool, optional
+        Run the backbone under bfloat16 autocast (the statistics stay in
+        float64). Default: on for CUDA, off on the CPU.
     """
 
     def __init__(self, backbone: str = "resnet18", *, layers: list[str] | None = None,
                  dims: int | None = None, seed: int = 0, weights: str | None = "default",
                  resize: int = 256, crop: int = 224, device: str = "auto",
                  channels: list[int] | None = None,
-                 mean: tuple | None = None, std: tuple | None = None):
+                 mean: tuple | None = None, std: tuple | None = None, amp: bool | None = None):
         if crop > resize:
             raise PadimError(f"crop {crop} is larger than resize {resize}")
         if crop < 32:
@@ -75,6 +78,7 @@ class Extractor:
         self.layers = list(layers) if layers else backbones.default_layers(backbone)
         self.seed = int(seed)
         self.device = resolve_device(device)
+        self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
         default_mean, default_std = backbones.normalization(backbone)
         self.preprocess = Preprocess(resize, crop, tuple(mean or default_mean), tuple(std or default_std))
         module, self.weights_id = backbones.build(backbone, self.layers, weights, self.seed)
@@ -133,7 +137,8 @@ class Extractor:
             x = batch.to(self.device, non_blocking=True)
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            maps = self._module(x)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                maps = self._module(x)
             parts = []
             for layer, idx in zip(self.layers, self._per_layer):
                 if idx.numel() == 0:

@@ -111,3 +111,14 @@ def test_preprocess_shape(extractor):
     t = extractor.preprocess(img)
     assert t.shape == (3, 64, 64) and t.dtype == torch.float32
     np.testing.assert_allclose(t[:, 0, 0].numpy(), -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
+
+
+def test_autocast_backbone_gives_float32_features_close_to_exact(extractor):
+    """The bfloat16 path (default on CUDA) exercised on the CPU: float32 out, ~1e-2 relative."""
+    amp = po.Extractor("resnet18", weights=None, seed=0, resize=72, crop=64, device="cpu", amp=True)
+    assert amp.amp and not extractor.amp
+    x = torch.randn(2, 3, 64, 64)
+    a, b = amp.embed(x), extractor.embed(x)
+    assert a.dtype == torch.float32
+    assert float((a - b).abs().max() / b.abs().max()) < 0.1
+    assert not torch.equal(a, b)

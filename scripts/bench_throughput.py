@@ -1,0 +1,130 @@
+"""Images per second of fit and score against the backbone-only forward pass, side by side.
+
+The backbone-only pass runs the same truncated model (cut after the last layer
+PaDiM needs), with the same data loading, batch size, threads and device; only
+the PaDiM work (channel selection, statistics, Mahalanobis, maps) is missing.
+Phases are interleaved (backbone, fit, score, backbone, ...) and the ratios are
+taken per round, so a noisy machine affects both sides of a ratio alike.
+
+    python scripts/bench_throughput.py --preset r18-rd100 --n 256
+    python scripts/bench_throughput.py --preset wr50-rd550 --n 64 --markdown docs/benchmarks.md
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _bench_common import emit, write_images
+from padim_ooc.data import ImageFiles, loader
+from padim_ooc.extractor import Extractor
+from padim_ooc.finalize import finalize
+from padim_ooc.fit import fit_store
+from padim_ooc.score import Model, score_paths
+from padim_ooc.store import ModelStore
+
+DEFAULT_CHECKPOINT = 1000
+PRESETS = {"r18-rd100": ("resnet18", 100), "wr50-rd550": ("wide_resnet50_2", 550)}
+
+
+def backbone_only(ex: Extractor, paths, batch_size: int, workers: int | None) -> float:
+    n = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _, _, batch, _, _ in loader(ImageFiles(paths, ex.preprocess), batch_size, workers=workers,
+                                        pin_memory=ex.device.type == "cuda"):
+            x = batch.to(ex.device, non_blocking=True)
+            if ex.device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = ex._module(x)
+            n += len(batch)
+        if ex.device.type == "cuda":
+            torch.cuda.synchronize()
+            del out
+    return n / (time.perf_counter() - t0)
+
+
+def fit_rate(ex: Extractor, paths, store_path: Path, batch_size: int, workers: int | None) -> tuple[float, float]:
+    """(images/s of the whole fit call, seconds of one checkpoint write).
+
+    The call writes one checkpoint at its end; a long fit writes one every
+    1000 images (the default), so the amortised rate is also reported.
+    """
+    shutil.rmtree(store_path, ignore_errors=True)
+    t0 = time.perf_counter()
+    fit_store(paths, store_path, extractor=ex, batch_size=batch_size, checkpoint_every=10**9,
+              loader_workers=workers, progress=False)
+    total = time.perf_counter() - t0
+    store = ModelStore.open(store_path, writable=True)
+    moments = store.load_moments()
+    t0 = time.perf_counter()
+    store.checkpoint(moments, [])
+    return len(paths) / total, time.perf_counter() - t0
+
+
+def score_rate(model: Model, paths, batch_size: int, workers: int | None) -> float:
+    t0 = time.perf_counter()
+    score_paths(model, paths, batch_size=batch_size, loader_workers=workers, on_batch=lambda *a: None)
+    if model.extractor.device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=list(PRESETS), default="r18-rd100")
+    ap.add_argument("--n", type=int, default=256, help="images per phase")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--loader-workers", type=int, default=None)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "padim_bench_images")
+    ap.add_argument("--markdown", default=None, help="append a table to this file")
+    args = ap.parse_args()
+
+    backbone, dims = PRESETS[args.preset]
+    paths = write_images(args.data, args.n)
+    ex = Extractor(backbone, dims=dims, weights=None, device=args.device)
+    work = Path(tempfile.mkdtemp(prefix="padim_bench_"))
+    store_path = work / "m.zarr"
+    try:
+        ex.embed(torch.zeros(2, 3, 224, 224))  # warm-up
+        rounds = []
+        for r in range(args.rounds):
+            b = backbone_only(ex, paths, args.batch_size, args.loader_workers)
+            f, ckpt = fit_rate(ex, paths, store_path, args.batch_size, args.loader_workers)
+            # the same fit with a checkpoint every DEFAULT_CHECKPOINT images instead of one per call
+            f_amortised = 1 / (1 / f - ckpt / args.n + ckpt / DEFAULT_CHECKPOINT)
+            if r == 0:
+                t0 = time.perf_counter()
+                finalize(ModelStore.open(store_path, writable=True))
+                finalize_s = time.perf_counter() - t0
+                model = Model(ModelStore.open(store_path))
+                model._extractor = ex
+            s = score_rate(model, paths, args.batch_size, args.loader_workers)
+            rounds.append({"backbone": b, "fit": f, "fit_amortised": f_amortised, "checkpoint_s": ckpt,
+                           "score": s, "fit_ratio": f / b, "fit_amortised_ratio": f_amortised / b,
+                           "score_ratio": s / b})
+            print(f"round {r}: backbone {b:.2f} img/s, fit {f:.2f} ({f / b:.3f}; amortised "
+                  f"{f_amortised / b:.3f}, checkpoint {ckpt:.2f} s), score {s:.2f} ({s / b:.3f})", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    record = {"bench": "throughput", "preset": args.preset, "device": str(ex.device), "n": args.n,
+              "batch_size": args.batch_size, "threads": torch.get_num_threads(), **{k: round(v, 4) for k, v in med.items()},
+              "finalize_s": round(finalize_s, 2), "rounds": rounds}
+    table = ("| preset | device | N | batch | backbone img/s | fit img/s | score img/s | fit / backbone "
+             "| fit / backbone, checkpoint every 1000 | score / backbone |\n"
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+             f"| {args.preset} | {ex.device} | {args.n} | {args.batch_size} | {med['backbone']:.2f} | {med['fit']:.2f} | "
+             f"{med['score']:.2f} | {med['fit_ratio']:.3f} | {med['fit_amortised_ratio']:.3f} | {med['score_ratio']:.3f} |")
+    emit(record, args.markdown, table)
+
+
+if __name__ == "__main__":
+    main()
