@@ -31,21 +31,30 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGEST_SIZE = 16
 
 
-def list_images(sources: Iterable[str | os.PathLike]) -> list[Path]:
+class ImageList(list):
+    """Image paths as :func:`list_images` expanded them; expanding them again changes nothing."""
+
+
+def list_images(sources: Iterable[str | os.PathLike]) -> ImageList:
     """Expand sources into a sorted, de-duplicated list of image paths.
 
     A folder contributes every file below it with an image suffix
-    (recursively), a ``.txt``/``.lst`` file contributes the paths it lists one
-    per line (relative ones are taken relative to the list), any other file is
-    taken as one image. Order: sorted by path within each source, sources in
-    the order given; a path given twice is kept once.
+    (recursively; a sub-folder with an image-like name such as ``x.jpg`` is a
+    folder), a ``.txt``/``.lst`` file contributes the paths it lists one per
+    line (relative ones are taken relative to the list; each is taken as an
+    image file, so a listed folder or missing file is skipped later with a
+    warning), any other file is taken as one image. Order: sorted by path
+    within each source, sources in the order given; a path given twice is kept
+    once. The result (an :class:`ImageList`) is returned as is if passed again.
 
     Raises
     ------
     PadimError
         If a source does not exist or no image is found in it.
     """
-    out: list[Path] = []
+    if isinstance(sources, ImageList):
+        return sources
+    out = ImageList()
     seen: set[Path] = set()
     for src in sources:
         path = Path(os.fsdecode(src))
@@ -81,12 +90,24 @@ def _read_list(path: Path) -> list[Path]:
     return paths
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """A path as one printable line: bytes that are not UTF-8 as ``\\xff``, control characters escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode image bytes to an 8-bit RGB PIL image.
 
     Grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit images are
     converted; 16-bit and 32-bit integer images are scaled to 8 bit by their
-    type's range.
+    type's range. Multi-frame files give their first frame.
+
+    Raises
+    ------
+    PIL.UnidentifiedImageError, OSError, ValueError, ...
+        Whatever PIL raises for bad bytes; :func:`read_image` turns any of
+        them into a one-line reason.
     """
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -100,9 +121,62 @@ def decode_rgb(data: bytes) -> Image.Image:
         lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
         arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(arr.round().astype(np.uint8))
-    elif img.mode == "P":
+    elif img.mode in ("P", "PA"):
         img = img.convert("RGBA")
+    elif img.mode in ("La", "RGBa"):  # premultiplied alpha: undo it first
+        img = img.convert("LA" if img.mode == "La" else "RGBA")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def read_image(path: Path, data: bytes | None = None):
+    """Read and decode one image file.
+
+    Returns
+    -------
+    (image, None) or (None, reason)
+        ``reason`` is one line saying why the file is not a usable image
+        (missing, a folder, empty, unknown format, truncated, too large, ...).
+        Images over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)
+        are refused before they are decoded.
+    """
+    if data is None:
+        data, reason = read_bytes(path)
+        if reason:
+            return None, reason
+    if not data:
+        return None, "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return decode_rgb(data), None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        return None, f"image too large ({_pixels(err)} pixels, over the limit of {Image.MAX_IMAGE_PIXELS} pixels)"
+    except Image.UnidentifiedImageError:
+        return None, "not an image (unknown or damaged format)"
+    except Exception as err:  # any decoder failure on these bytes is a bad file, not a bug
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "truncated" in text.lower():
+            return None, f"truncated or damaged image ({text})"
+        return None, f"cannot decode: {type(err).__name__}: {text}"
+
+
+def _pixels(err: Exception) -> str:
+    digits = [w for w in str(err).replace("(", " ").split() if w.isdigit()]
+    return digits[0] if digits else "too many"
+
+
+def read_bytes(path: Path) -> tuple[bytes | None, str | None]:
+    """The bytes of a file, or (None, reason) if it cannot be read."""
+    try:
+        return path.read_bytes(), None
+    except IsADirectoryError:
+        return None, "a folder, not an image file"
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return None, f"broken symbolic link (to {display_path(os.readlink(path))})"
+        return None, "file not found (removed after it was listed?)"
+    except (OSError, ValueError) as err:
+        return None, f"cannot read: {getattr(err, 'strerror', None) or err}"
 
 
 @dataclass(frozen=True)
@@ -149,20 +223,19 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path = self.paths[i]
-        try:
-            data = path.read_bytes()
-        except (OSError, ValueError) as err:
-            return i, None, None, f"cannot read: {err.strerror or err}"
+        data, reason = read_bytes(path)
+        if reason:
+            return i, None, None, reason
         key = digest(data)
         if key in self.skip:
             return i, key, None, None
+        image, reason = read_image(path, data)
+        if reason:
+            return i, key, None, reason
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                tensor = self.preprocess(decode_rgb(data))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning) as err:
-            return i, key, None, f"cannot decode: {type(err).__name__}: {err}"
+            tensor = self.preprocess(image)
+        except Exception as err:  # pragma: no cover - a decoded RGB image always resizes
+            return i, key, None, f"cannot preprocess: {type(err).__name__}: {err}"
         return i, key, tensor, None
 
 

@@ -40,24 +40,43 @@ def precision_block(m2: np.ndarray, n: int, eps: float) -> np.ndarray:
     return torch.cholesky_inverse(chol).to(torch.float32).numpy()
 
 
-def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | None = "threads") -> None:
+def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | None = "threads",
+             client=None) -> None:
     """Write the precision matrices and a float32 mean, chunk by chunk, then switch to them.
 
-    Memory stays at a few chunks of ``m2`` whatever P x d x d is. ``scheduler``
-    is a Dask scheduler name (``threads``, ``synchronous``) or ``None`` to use
-    the active ``dask.distributed`` client.
+    A Dask array over the ``m2`` chunks (chunked along positions only) is
+    mapped with :func:`precision_block` and stored into the new arrays chunk by
+    chunk, so memory stays at a few chunks of ``m2`` whatever P x d x d is.
+
+    Parameters
+    ----------
+    store : ModelStore
+        Opened writable, with statistics of at least 2 images.
+    eps : float
+        Added to the diagonal of every covariance.
+    scheduler : str or None
+        A Dask scheduler name (``threads``, ``synchronous``), or ``None`` to
+        use the active ``dask.distributed`` client. Ignored if ``client`` is given.
+    client : distributed.Client, optional
+        Run the chunks on this cluster; its workers must reach the store's path.
     """
     n = store.n_images
     if n < 2:
         raise PadimError(f"finalize needs at least 2 images, the model has {n}")
     if not eps >= 0:
         raise PadimError(f"eps must be >= 0, got {eps}")
-    m2 = da.from_zarr(store.m2_array())
-    mean = da.from_zarr(store.mean_array())
+    if client is not None and store.path.startswith("memory://"):
+        raise PadimError(f"{store.path} lives in this process's memory; Dask workers cannot reach it "
+                         "(finalize it without workers, or use a path or URL the workers share)")
+    m2_z, mean_z = store.m2_array(), store.mean_array()
+    m2 = da.from_zarr(m2_z, chunks=m2_z.chunks)  # one task per stored chunk: memory stays at a few chunks
+    mean = da.from_zarr(mean_z, chunks=mean_z.chunks)
     name, mean32, prec = store.begin_final(eps)
     precision = m2.map_blocks(precision_block, n, eps, dtype=np.float32)
     stores = [da.to_zarr(precision, prec, compute=False), da.to_zarr(mean.astype(np.float32), mean32, compute=False)]
-    with dask.config.set(scheduler=scheduler) if scheduler else nullcontext():
-        dask.compute(*stores)
+    if client is not None:
+        dask.compute(*stores, scheduler=client)
+    else:
+        with dask.config.set(scheduler=scheduler) if scheduler else nullcontext():
+            dask.compute(*stores)
     store.commit_final(name, eps)
-

@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .data import ImageFiles, list_images, loader
 from .errors import PadimError
 from .extractor import Extractor
+from .memory import MemoryPlan, default_budget, plan_memory
 from .progress import bar
 from .store import ModelStore, positions_per_chunk, store_exists
-from .welford import Folder
+from .welford import Folder, Moments
 
 log = logging.getLogger("padim_ooc")
 
@@ -38,11 +41,12 @@ class FitSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     n_images: int = 0
     checkpoints: int = 0
+    blocks: int = 1  # passes over the images (position blocks of the memory plan)
 
     def as_dict(self) -> dict:
         return {"model": self.model, "added": self.added, "already_seen": self.already_seen,
                 "duplicates": self.duplicates, "skipped": len(self.skipped),
-                "n_images": self.n_images, "checkpoints": self.checkpoints}
+                "n_images": self.n_images, "checkpoints": self.checkpoints, "blocks": self.blocks}
 
 
 def check_compatible(stored: dict, extractor: Extractor, path: str) -> None:
@@ -63,7 +67,7 @@ def fit_store(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *,
               extractor: Extractor | None = None, batch_size: int = 32,
               checkpoint_every: int = 1000, loader_workers: int | None = None,
               on_error: str = "skip", progress: bool = True, device: str = "auto",
-              weights: str | None = None) -> FitSummary:
+              weights: str | None = None, max_memory: int | None = None) -> FitSummary:
     """Fold the images of ``sources`` into the statistics of the store at ``model``.
 
     A new store is created with ``extractor``'s configuration; an existing one
@@ -71,6 +75,9 @@ def fit_store(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *,
     match ``extractor`` if one is given (otherwise it is rebuilt from the
     store). Checkpoints every ``checkpoint_every`` images and at the end.
     Does not finalize (see :func:`padim_ooc.finalize.finalize`).
+    ``max_memory`` (bytes; default: available memory, with a margin) is the
+    budget of :func:`plan_memory`: if the float64 accumulator does not fit,
+    the positions are split into blocks, one pass over the images each.
     """
     if batch_size < 1:
         raise PadimError(f"batch size must be at least 1, got {batch_size}")
@@ -92,14 +99,21 @@ def fit_store(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *,
     summary = FitSummary(model=model)
     _accumulate(store, extractor, paths, summary, batch_size=batch_size,
                 checkpoint_every=checkpoint_every, loader_workers=loader_workers,
-                on_error=on_error, progress=progress)
+                on_error=on_error, progress=progress, max_memory=max_memory)
     summary.n_images = store.n_images
     return summary
 
 
 def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summary: FitSummary, *,
                 batch_size: int, checkpoint_every: int, loader_workers: int | None,
-                on_error: str, progress: bool) -> None:
+                on_error: str, progress: bool, max_memory: int | None = None) -> None:
+    plan = memory_plan(store.attrs, batch_size, max_memory)
+    _say(plan.describe(), progress)
+    summary.blocks = plan.blocks
+    if plan.blocks > 1:
+        return _accumulate_blocked(store, extractor, paths, summary, plan, batch_size=batch_size,
+                                   checkpoint_every=checkpoint_every, loader_workers=loader_workers,
+                                   on_error=on_error, progress=progress)
     device = extractor.device
     acc = store.load_moments(device=device)
     seen = store.ledger()
@@ -153,3 +167,162 @@ def _bad_image(path: Path, err: str, on_error: str, summary: FitSummary) -> None
         raise PadimError(f"bad image {name}: {err}")
     log.warning("skipped %s: %s", name, err)
     summary.skipped.append((name, err))
+
+
+def memory_plan(config: dict, batch_size: int, budget: int | None = None) -> MemoryPlan:
+    """The plan a fit makes for ``budget`` bytes.
+
+    ``config``: a model's attributes or ``Extractor.config()`` (``grid``,
+    ``dims`` and ``crop`` are used). ``budget`` None: available memory with a
+    margin (see :func:`padim_ooc.memory.default_budget`).
+    """
+    positions, dims = config["grid"][0] * config["grid"][1], config["dims"]
+    return plan_memory(positions, dims, batch_size=batch_size, crop=config["crop"],
+                       budget=budget or default_budget(),
+                       fold_samples=min(FOLD_MAX_IMAGES, max(batch_size, FOLD_BYTES // (positions * dims * 4))))
+
+
+def _say(line: str, progress: bool) -> None:
+    log.info(line)
+    if progress:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _accumulate_blocked(store: ModelStore, extractor: Extractor, paths: list[Path], summary: FitSummary,
+                        plan: MemoryPlan, *, batch_size: int, checkpoint_every: int,
+                        loader_workers: int | None, on_error: str, progress: bool) -> None:
+    """The fit with positions split into blocks: one pass over the images per block.
+
+    The images go in segments of about ``checkpoint_every`` (whole batches, so
+    batches are composed as in the one-pass fit and the features are the
+    same). For each segment, every block loads its slice of the live state,
+    folds the segment in and writes the slice into the next state; the switch
+    to that state (with the segment's ledger) is the checkpoint.
+    """
+    device = extractor.device
+    seen = store.ledger()
+    before = frozenset(seen)  # skipped without decoding; repeats within the run count as duplicates
+    segment = -(-max(checkpoint_every, batch_size) // batch_size) * batch_size
+    ranges = plan.ranges()
+    chunk = positions_per_chunk(extractor.dims)
+    fold = min(FOLD_MAX_IMAGES, max(batch_size, FOLD_BYTES // (extractor.positions * extractor.dims * 4)))
+    title = f"fit {Path(store.path).name} ({len(ranges)} passes)"
+    with bar(title, len(paths) * len(ranges), enabled=progress) as advance_bar:
+        for first in range(0, len(paths), segment):
+            part = paths[first:first + segment]
+            dataset = ImageFiles(part, extractor.preprocess, skip=before)
+            kept: dict[int, bytes] = {}  # index into paths -> digest, decided in the first pass
+            n0, target = store.n_images, None
+            for b, (start, stop) in enumerate(ranges):
+                if b and not kept:
+                    advance_bar(len(part) * (len(ranges) - b))
+                    break
+                acc = _load_block(store, start, stop, device)
+                folder = Folder(acc, block=chunk, max_samples=fold)
+                for indices, digests, batch, ok, errors in loader(dataset, batch_size, workers=loader_workers,
+                                                                   pin_memory=device.type == "cuda"):
+                    indices = [first + i for i in indices]
+                    if b == 0:
+                        rows = _first_pass_rows(paths, indices, digests, ok, errors, seen, kept,
+                                                on_error, summary)
+                    else:
+                        rows = _later_pass_rows(paths, indices, digests, ok, kept)
+                    if rows:
+                        if len(rows) < batch.shape[0]:
+                            batch = batch[rows]
+                        feats = extractor.embed(batch).flatten(2).permute(2, 0, 1)  # (P, b, d)
+                        folder.add(feats[start:stop].contiguous())
+                    advance_bar(len(indices))
+                folder.flush()
+                if not kept:
+                    continue
+                if target is None:
+                    target = store.begin_state()
+                _write_block(target, start, stop, acc)
+            if kept:
+                digests = np.frombuffer(b"".join(kept.values()), dtype=np.uint8).reshape(-1, 16)
+                store.commit_state(target[0], n0 + len(kept), digests)
+                summary.added += len(kept)
+                summary.checkpoints += 1
+    if store.n_images == 0:
+        raise PadimError("no image could be read: the model has no statistics")
+
+
+def _load_block(store: ModelStore, start: int, stop: int, device) -> Moments:
+    """Positions ``start:stop`` of the live state (float64), or an empty state."""
+    if store.attrs["state"] is None:
+        return Moments.zeros(stop - start, store.attrs["dims"], device=device)
+    mean = torch.from_numpy(store.mean_array()[start:stop]).to(device)
+    m2 = torch.from_numpy(store.m2_array()[start:stop]).to(device)
+    return Moments(store.n_images, mean, m2)
+
+
+def _write_block(target, start: int, stop: int, acc: Moments) -> None:
+    _, mean_out, m2_out = target
+    try:
+        mean_out[start:stop] = acc.mean.detach().to("cpu", torch.float64).numpy()
+        m2_out[start:stop] = acc.m2.detach().to("cpu", torch.float64).numpy()
+    except OSError as err:
+        raise PadimError(f"cannot write the model store at {m2_out.path}: {err.strerror or err}; "
+                         "the previous checkpoint is intact") from None
+
+
+def _first_pass_rows(paths, indices, digests, ok, errors, seen, kept, on_error, summary) -> list[int]:
+    """Rows of the batch to fold in; records the new images in ``kept`` (as the one-pass fit decides)."""
+    rows, row = [], 0
+    for i, key, good, err in zip(indices, digests, ok, errors):
+        if err is not None:
+            _bad_image(paths[i], err, on_error, summary)
+        elif not good:
+            summary.already_seen += 1
+        elif key in seen:
+            summary.duplicates += 1
+            row += 1
+        else:
+            seen.add(key)
+            kept[i] = key
+            rows.append(row)
+            row += 1
+    return rows
+
+
+def _later_pass_rows(paths, indices, digests, ok, kept) -> list[int]:
+    """Rows of the images the first pass kept; an error if one of them changed since."""
+    rows, row = [], 0
+    for i, key, good in zip(indices, digests, ok):
+        if i in kept:
+            if not good or key != kept[i]:
+                name = os.fsdecode(paths[i]).encode("utf-8", "backslashreplace").decode("utf-8")
+                raise PadimError(f"{name} changed or became unreadable during the fit; run the fit again "
+                                 "(the model keeps its last checkpoint)")
+            rows.append(row)
+        if good:
+            row += 1
+    return rows
+
+
+def fit_part(paths: Sequence[str | os.PathLike], part: str, config: dict, *, device: str = "auto",
+             weights: str | None = None, batch_size: int = 32, checkpoint_every: int = 1000,
+             on_error: str = "skip", max_memory: int | None = None) -> FitSummary:
+    """Fit the partial store ``part`` on one shard of images (a task of the sharded fit).
+
+    The extractor is rebuilt from ``config`` (weights checked by digest). An
+    existing ``part`` is resumed, so a shard restarted after its worker was
+    lost neither loses nor double-counts an image. A shard whose images are all
+    unreadable gives an empty part instead of an error (``on_error='skip'``).
+    """
+    extractor = Extractor.from_config(config, device=device, weights=weights)
+    if store_exists(part):
+        store = ModelStore.open(part, writable=True)
+    else:
+        store = ModelStore.create(part, extractor.config())
+    summary = FitSummary(model=part)
+    try:
+        _accumulate(store, extractor, [Path(os.fsdecode(p)) for p in paths], summary,
+                    batch_size=batch_size, checkpoint_every=checkpoint_every, loader_workers=0,
+                    on_error=on_error, progress=False, max_memory=max_memory)
+    except PadimError:
+        if summary.added or store.n_images or on_error == "fail":
+            raise
+    summary.n_images = store.n_images
+    return summary

@@ -44,6 +44,17 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
+def _zarr_options(path: str) -> dict:
+    """Extra arguments zarr needs to write at ``path``: file:// URLs must create their folders."""
+    return {"storage_options": {"auto_mkdir": True}} if path.startswith("file://") else {}
+
+
+def shared_path(path: str | os.PathLike) -> str:
+    """``path`` as other processes can open it: URLs as given, local paths made absolute."""
+    text = os.fspath(path)
+    return text if _is_url(text) else os.path.abspath(text)
+
+
 def store_exists(path: str | os.PathLike) -> bool:
     """Whether a padim_ooc store is at ``path``."""
     path = os.fspath(path)
@@ -70,7 +81,7 @@ class ModelStore:
         path = os.fspath(path)
         if not _is_url(path) and os.path.exists(path) and os.listdir(path):
             raise PadimError(f"{path} exists and is not a padim_ooc model; choose another --model path")
-        group = zarr.open_group(path, mode="w")
+        group = zarr.open_group(path, mode="w", **_zarr_options(path))
         attrs = {
             "schema_version": SCHEMA_VERSION,
             "library_version": __version__,
@@ -94,7 +105,7 @@ class ModelStore:
         if not _is_url(path) and not os.path.exists(path):
             raise PadimError(f"model not found: {path}")
         try:
-            group = zarr.open_group(path, mode="r+" if writable else "r")
+            group = zarr.open_group(path, mode="r+" if writable else "r", **_zarr_options(path))
         except Exception as err:
             raise PadimError(f"cannot open the model {path}: {type(err).__name__}: {err}") from None
         store = cls(group, path, writable)
@@ -169,6 +180,11 @@ class ModelStore:
             out.update(bytes(r) for r in rows)
         return out
 
+    def ledger_digests(self) -> np.ndarray:
+        """ndarray of shape (n_digests, 16), uint8: every ledger digest, segment after segment."""
+        parts = [read_array(self._array("ledger", name)) for name in self.attrs["ledger"]]
+        return np.concatenate(parts) if parts else np.zeros((0, 16), np.uint8)
+
     # ---- writing -------------------------------------------------------
     def _new_array(self, name: str, data: np.ndarray | None, shape, dtype, chunk_positions: int):
         chunks = (min(chunk_positions, max(1, shape[0])),) + tuple(shape[1:])
@@ -198,9 +214,47 @@ class ModelStore:
                           finalized=False, final=None)
         self._remove(old)
 
+    def begin_state(self) -> tuple[str, zarr.Array, zarr.Array]:
+        """Create the empty arrays of the next state, to be filled chunk by chunk.
+
+        Returns (name, mean (P, d) float64, m2 (P, d, d) float64). Nothing
+        points at them until :meth:`commit_state`.
+        """
+        name = f"state-{self.attrs['seq'] + 1:06d}"
+        positions, dims = self.attrs["grid"][0] * self.attrs["grid"][1], self.attrs["dims"]
+        cp = self.attrs["chunk_positions"]
+        mean = self._new_array(f"{name}/mean", None, (positions, dims), "float64", cp)
+        m2 = self._new_array(f"{name}/m2", None, (positions, dims, dims), "float64", cp)
+        return name, mean, m2
+
+    def commit_state(self, name: str, n_images: int, new_digests: np.ndarray) -> None:
+        """Switch to the state written under ``name`` (from :meth:`begin_state`).
+
+        ``new_digests`` (k, 16) uint8 are the images it holds beyond the
+        current state; they become a new ledger segment in the same switch.
+        """
+        seq = int(name.split("-")[1])
+        ledger = list(self.attrs["ledger"])
+        digests = np.ascontiguousarray(new_digests, dtype=np.uint8).reshape(-1, 16)
+        segment = f"{seq:06d}"
+        old = [self.attrs["state"], self.attrs["final"]]
+        with self._switching(name, f"ledger/{segment}"):
+            if len(digests):
+                self._new_array(f"ledger/{segment}", digests, digests.shape, "uint8", 1 << 20)
+                ledger.append(segment)
+            self._sync(name, f"ledger/{segment}")
+            pause_point("checkpoint-written")
+            self._write_attrs(seq=seq, state=name, ledger=ledger, n_images=int(n_images),
+                              finalized=False, final=None)
+        self._sync_root()
+        pause_point("checkpoint-switched")
+        self._remove(old)
+
     def begin_final(self, eps: float) -> tuple[str, zarr.Array, zarr.Array]:
         """Create the (empty) arrays of a finalized model; returns (name, mean32, precision)."""
         name = "final-" + self.attrs["state"].split("-")[1]
+        if name == self.attrs["final"]:  # re-finalizing: never overwrite the live arrays
+            name += "b"
         positions, dims = self.attrs["grid"][0] * self.attrs["grid"][1], self.attrs["dims"]
         cp = self.attrs["chunk_positions"]
         mean = self._new_array(f"{name}/mean", None, (positions, dims), "float32", cp)

@@ -1,0 +1,115 @@
+"""The memory plan of a fit: one pass over the images, or one pass per block of positions.
+
+The float64 accumulator of PaDiM's statistics takes ``P (d^2 + d) 8`` bytes
+(WR50-Rd550 at 224 px: 7.6 GB). When it does not fit the memory budget beside
+one batch in flight, the positions are split into the fewest equal blocks
+that do, and the fit does one pass over the images per block (positions are
+independent, so the statistics are the same as in one pass).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import PadimError
+from .store import positions_per_chunk
+
+# share of the available memory a fit plans to use when no budget is given
+MEMORY_MARGIN = 0.8
+# allowance for the backbone's activations, bytes per input pixel of one image (an estimate:
+# a ResNet's float32 activations up to layer3 peak well below this)
+ACTIVATION_BYTES_PER_PIXEL = 256
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a fit spends its memory budget.
+
+    Attributes
+    ----------
+    budget : int
+        Bytes allowed for the statistics and one batch in flight.
+    accumulator : int
+        Bytes of the float64 mean (P, d) and m2 (P, d, d) of all P positions.
+    working : int
+        Estimated bytes of one batch in flight (activations, buffered
+        features, float64 temporaries of one update).
+    positions : int
+        P.
+    block_positions : int
+        Positions accumulated per pass over the images (P: one pass).
+    """
+
+    budget: int
+    accumulator: int
+    working: int
+    positions: int
+    block_positions: int
+
+    @property
+    def blocks(self) -> int:
+        """Passes over the images."""
+        return -(-self.positions // self.block_positions)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """(start, stop) of every position block."""
+        step = self.block_positions
+        return [(s, min(s + step, self.positions)) for s in range(0, self.positions, step)]
+
+    def describe(self) -> str:
+        """One line for the progress output."""
+        sizes = (f"accumulator {_gib(self.accumulator)} + working memory {_gib(self.working)}, "
+                 f"budget {_gib(self.budget)}")
+        if self.blocks == 1:
+            return f"memory plan: one pass over the images ({sizes})"
+        return (f"memory plan: {self.blocks} passes over the images, {self.block_positions} of "
+                f"{self.positions} positions each; features are extracted again in every pass ({sizes})")
+
+
+def plan_memory(positions: int, dims: int, *, batch_size: int, crop: int, budget: int,
+                fold_samples: int | None = None) -> MemoryPlan:
+    """Choose between one pass and position blocks for a memory ``budget`` (bytes).
+
+    The accumulator takes ``P (d^2 + d) 8`` bytes; one batch in flight about
+    ``batch_size crop^2 ACTIVATION_BYTES_PER_PIXEL`` for the backbone, twice
+    the buffered float32 features (``fold_samples P d 4``) and the float64
+    temporaries of one update. When both do not fit, the positions are split
+    into the fewest equal blocks whose accumulators fit beside the working memory.
+    """
+    per_position = (dims * dims + dims) * 8
+    accumulator = positions * per_position
+    fold = max(batch_size, fold_samples or batch_size)
+    working = (batch_size * crop * crop * ACTIVATION_BYTES_PER_PIXEL
+               + 2 * fold * positions * dims * 4
+               + 3 * min(positions, positions_per_chunk(dims)) * (fold + 1) * dims * 8)
+    if accumulator + working <= budget:
+        return MemoryPlan(budget, accumulator, working, positions, positions)
+    room = budget - working
+    if room < per_position:
+        raise PadimError(f"the memory budget {_gib(budget)} is too small: one batch needs about "
+                         f"{_gib(working)} plus {per_position / 2**20:.2f} MiB per position block; "
+                         "raise --max-memory or lower --batch-size")
+    blocks = -(-accumulator // room)
+    return MemoryPlan(budget, accumulator, working, positions, -(-positions // blocks))
+
+
+def default_budget() -> int:
+    """Available memory with a margin (and within the Dask worker's limit, on a worker)."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):
+        limit = None
+    if limit:
+        available = min(available, int(limit) - psutil.Process().memory_info().rss)
+    return max(0, int(available * MEMORY_MARGIN))
+
+
+__all__ = ["MemoryPlan", "plan_memory", "default_budget", "MEMORY_MARGIN", "ACTIVATION_BYTES_PER_PIXEL"]

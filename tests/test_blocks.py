@@ -1,0 +1,83 @@
+"""The memory plan: a fit that splits positions into blocks gives the statistics of the one-pass fit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import padim_ooc as po
+from padim_ooc.data import list_images
+from padim_ooc.fit import fit_store, memory_plan
+from padim_ooc.memory import plan_memory
+from padim_ooc.store import ModelStore
+
+from test_fit import exact_stats, rel
+
+
+def test_plan_arithmetic():
+    # WR50-Rd550 at 224 px: 3136 positions, d = 550 -> the accumulator is 7.6 GB
+    big = plan_memory(3136, 550, batch_size=32, crop=224, budget=64 * 2**30)
+    assert big.accumulator == 3136 * (550 * 550 + 550) * 8
+    assert big.blocks == 1 and big.ranges() == [(0, 3136)]
+    small = plan_memory(3136, 550, batch_size=32, crop=224, budget=big.working + big.accumulator // 3)
+    assert small.blocks in (3, 4)
+    ranges = small.ranges()
+    assert ranges[0][0] == 0 and ranges[-1][1] == 3136
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    # each block's accumulator fits beside the working memory
+    per_position = (550 * 550 + 550) * 8
+    assert small.block_positions * per_position + small.working <= small.budget
+    assert "passes over the images" in small.describe()
+    with pytest.raises(po.PadimError, match="too small"):
+        plan_memory(3136, 550, batch_size=32, crop=224, budget=big.working)
+
+
+def tiny_budget(extractor, batch_size, blocks):
+    """A budget under which the fit needs ``blocks`` position blocks."""
+    plan = memory_plan(extractor.config(), batch_size, 2**50)
+    return plan.working + int(plan.accumulator / (blocks - 0.5))
+
+
+def test_blocked_fit_equals_one_pass(tmp_path, image_dir, extractor, capfd):
+    one = fit_store([image_dir], tmp_path / "one.zarr", extractor=extractor, batch_size=8,
+                    checkpoint_every=12, loader_workers=0, progress=False)
+    budget = tiny_budget(extractor, 8, 3)
+    three = fit_store([image_dir], tmp_path / "three.zarr", extractor=extractor, batch_size=8,
+                      checkpoint_every=12, loader_workers=0, progress=True, max_memory=budget)
+    err = capfd.readouterr().err
+    assert "memory plan: 3 passes over the images" in err
+    assert one.blocks == 1 and three.blocks == 3
+    assert three.added == 40 and three.n_images == 40 and three.checkpoints == 3  # 16 + 16 + 8 images
+    a, b = po.open_model(tmp_path / "one.zarr"), po.open_model(tmp_path / "three.zarr")
+    assert rel(b.mean, a.mean) <= 1e-12
+    assert rel(b.covariance(), a.covariance()) <= 1e-12
+    mean, cov = exact_stats(extractor, list_images([image_dir]), 8)  # independent numpy two-pass
+    assert rel(b.mean, mean) <= 1e-9 and rel(b.covariance(), cov) <= 1e-9
+    assert ModelStore.open(tmp_path / "three.zarr").ledger() == ModelStore.open(tmp_path / "one.zarr").ledger()
+
+
+def test_blocked_incremental_fit_with_duplicates(tmp_path, image_dir, extractor):
+    """Blocks on top of an existing model; a repeated file and already-seen images are skipped
+    exactly as the one-pass fit skips them."""
+    folder = tmp_path / "more"
+    folder.mkdir()
+    src = list_images([image_dir / "b"])
+    for p in src[:9]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "zz_copy.png").write_bytes(src[2].read_bytes())
+    sources = [image_dir / "a", folder, image_dir / "b"]
+    models = {}
+    for name, budget in (("one", None), ("blocked", tiny_budget(extractor, 5, 4))):
+        path = models[name] = tmp_path / f"{name}.zarr"
+        fit_store([image_dir / "a"], path, extractor=extractor, batch_size=5, loader_workers=0, progress=False)
+        summary = fit_store(sources, path, extractor=extractor, batch_size=5, checkpoint_every=5,
+                            loader_workers=0, progress=False, max_memory=budget)
+        assert summary.blocks == (1 if budget is None else 4)
+        assert summary.added == 20 and summary.already_seen == 20 and summary.duplicates == 10
+        assert summary.n_images == 40
+    a, b = po.open_model(models["one"]), po.open_model(models["blocked"])
+    assert rel(b.mean, a.mean) <= 1e-12
+    assert rel(b.covariance(), a.covariance()) <= 1e-12
+    # and close to the two-pass statistics of the same 40 images (batches differ: ~1e-6 features)
+    mean, cov = exact_stats(extractor, list_images([image_dir]), 5)
+    assert rel(b.mean, mean) <= 1e-5 and rel(b.covariance(), cov) <= 1e-5
+    assert ModelStore.open(models["blocked"]).ledger() == ModelStore.open(models["one"]).ledger()

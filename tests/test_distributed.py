@@ -1,0 +1,217 @@
+"""A real dask.distributed LocalCluster (2 worker processes on loopback): finalize, sharded
+scoring (with a worker killed mid-run), sharded fit, and the CLI pointed at the cluster."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import padim_ooc as po
+from padim_ooc.data import list_images
+from padim_ooc.distributed import open_client
+from padim_ooc.finalize import finalize
+from padim_ooc.fit import fit_store
+from padim_ooc.score import score_paths
+from padim_ooc.shards import fit_sharded, score_sharded, shard_ranges
+from padim_ooc.store import ModelStore
+from padim_ooc.welford import Moments
+
+from test_fit import exact_stats, rel
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local cluster for the module; yields (client, lines it printed)."""
+    lines: list[str] = []
+    with open_client(workers=2, echo=lines.append) as client:
+        yield client, lines
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, image_dir, extractor):
+    path = tmp_path_factory.mktemp("dist") / "m.zarr"
+    po.fit([image_dir / "a"], path, extractor=extractor, batch_size=8, loader_workers=0)
+    return path
+
+
+def test_shard_ranges_align_to_batches():
+    assert shard_ranges(40, 5, 3) == [(0, 15), (15, 30), (30, 40)]
+    assert shard_ranges(7, 8, 4) == [(0, 7)]
+    assert shard_ranges(0, 8, 4) == []
+    ranges = shard_ranges(1001, 32, 7)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1001 and all((b - a) % 32 == 0 for a, b in ranges[:-1])
+
+
+def test_cluster_set_up(cluster):
+    client, lines = cluster
+    assert len(client.scheduler_info()["workers"]) == 2
+    assert any("dashboard at http://127.0.0.1:" in line for line in lines), lines
+    assert set(client.run(torch.get_num_threads).values()) == {1}  # no oversubscription
+    pids = client.run(os.getpid)
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+
+
+def test_finalize_on_the_cluster(cluster, tmp_path):
+    client, _ = cluster
+    rng = np.random.default_rng(0)
+    positions, dims, n = 15, 160, 200  # d > 150: the batched-LU trap
+    config = {"backbone": "resnet18", "layers": ["layer1"], "layer_channels": [dims],
+              "channels": list(range(dims)), "dims": dims, "seed": 0, "weights": "random:seed=0",
+              "weights_digest": "x", "resize": 64, "crop": 64, "normalize_mean": [0.5] * 3,
+              "normalize_std": [0.5] * 3, "grid": [3, 5]}
+    store = ModelStore.create(tmp_path / "m.zarr", config)
+    store._write_attrs(chunk_positions=4)  # 4 chunks, so several tasks
+    x = rng.normal(size=(positions, n, dims))
+    store.checkpoint(Moments.from_batch(torch.from_numpy(x)), [])
+    finalize(store, eps=0.01, client=client)
+    mean32, prec = ModelStore.open(tmp_path / "m.zarr").final_arrays()
+    prec = prec[...]
+    for p in (0, 5, 14):
+        ref = np.linalg.inv(np.cov(x[p], rowvar=False) + 0.01 * np.eye(dims))
+        np.testing.assert_allclose(prec[p], ref, rtol=1e-3, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(mean32[...], x.mean(axis=1), rtol=1e-6)
+
+
+def reference_scores(model_path, paths, batch_size):
+    model = po.open_model(model_path, device="cpu")
+    out = np.full(len(paths), np.nan)
+
+    def on_batch(indices, scores, maps):
+        out[indices] = scores
+
+    score_paths(model, paths, batch_size=batch_size, loader_workers=0, on_batch=on_batch)
+    return out
+
+
+def test_sharded_scores_equal_one_process(cluster, fitted, image_dir):
+    client, _ = cluster
+    paths = list_images([image_dir / "b", image_dir / "a"])
+    ref = reference_scores(fitted, paths, 4)
+    seen, maps = [], {}
+
+    def on_result(indices, scores, shard_maps):
+        seen.extend(indices.tolist())
+        for i, s, m in zip(indices, scores, shard_maps):
+            maps[int(i)] = (s, m)
+
+    bad = score_sharded(fitted, paths, client, batch_size=4, maps=True, device="cpu", shards=5, on_result=on_result)
+    assert bad == []
+    assert sorted(seen) == list(range(len(paths)))
+    got = np.array([maps[i][0] for i in range(len(paths))])
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    # the map's maximum is the score (maps come back as float16)
+    np.testing.assert_allclose([maps[i][1].max() for i in range(len(paths))], ref, rtol=2e-3)
+
+
+def test_killed_worker_every_image_scored_once(cluster, fitted, image_dir):
+    client, _ = cluster
+    paths = list_images([image_dir / "b", image_dir / "a"])
+    ref = reference_scores(fitted, paths, 2)
+    pids = client.run(os.getpid)
+    killed = {}
+    seen = []
+
+    def on_result(indices, scores, _maps):
+        if not killed:  # first shard back: kill a worker that is working on another shard now
+            busy = {addr: keys for addr, keys in client.processing().items() if keys}
+            addr = next(iter(busy))
+            os.kill(pids[addr], signal.SIGKILL)
+            killed[addr] = list(busy[addr])
+        seen.extend(zip(indices.tolist(), scores.tolist()))
+
+    score_sharded(fitted, paths, client, batch_size=2, device="cpu", shards=10, on_result=on_result)
+    assert killed and all(keys for keys in killed.values())
+    indices = [i for i, _ in seen]
+    assert sorted(indices) == list(range(len(paths)))  # every image exactly once
+    np.testing.assert_allclose(np.array([s for _, s in sorted(seen)]), ref, rtol=1e-6)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed worker
+    assert pids[next(iter(killed))] not in client.run(os.getpid).values()
+
+
+def test_sharded_fit_equals_one_process(cluster, tmp_path, image_dir, extractor):
+    client, _ = cluster
+    one = fit_store([image_dir], tmp_path / "one.zarr", extractor=extractor, batch_size=5,
+                    loader_workers=0, progress=False)
+    summary = fit_sharded([image_dir], tmp_path / "sharded.zarr", client, extractor=extractor, batch_size=5,
+                          checkpoint_every=6, shards=3, device="cpu", progress=False)
+    assert summary.added == 40 and summary.n_images == 40 and one.n_images == 40
+    assert not (tmp_path / "sharded.zarr.parts").exists()
+    a, b = po.open_model(tmp_path / "one.zarr"), po.open_model(tmp_path / "sharded.zarr")
+    # shards of 15, 15, 10 images start at batch boundaries: the same features, merged by Chan's formula
+    assert rel(b.mean, a.mean) <= 1e-10
+    assert rel(b.covariance(), a.covariance()) <= 1e-10
+    mean, cov = exact_stats(extractor, list_images([image_dir]), 5)  # independent numpy two-pass
+    assert rel(b.covariance(), cov) <= 1e-9
+    assert b.store.ledger() == a.store.ledger()
+
+
+def test_sharded_fit_extends_a_model_and_drops_repeats(cluster, tmp_path, image_dir, extractor):
+    client, _ = cluster
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    src = list_images([image_dir / "b"])
+    (copies / "copy0.png").write_bytes(src[0].read_bytes())
+    (copies / "copy1.png").write_bytes(src[7].read_bytes())
+    path = tmp_path / "m.zarr"
+    fit_store([image_dir / "a"], path, extractor=extractor, batch_size=8, loader_workers=0, progress=False)
+    summary = fit_sharded([image_dir / "a", image_dir / "b", copies], path, client, batch_size=8,
+                          device="cpu", progress=False)
+    assert (summary.added, summary.already_seen, summary.duplicates) == (20, 20, 2)
+    assert summary.n_images == 40
+    model = po.open_model(path)
+    mean, cov = exact_stats(extractor, list_images([image_dir]), 8)
+    assert rel(model.mean, mean) <= 1e-6 and rel(model.covariance(), cov) <= 1e-5
+    assert len(model.store.ledger()) == 40
+
+
+def test_cli_on_an_existing_cluster(cluster, fitted, tmp_path, image_dir):
+    client, _ = cluster
+    address = client.scheduler.address
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "padim_ooc", "score", fitted, image_dir / "b", "--out", out,
+                           "--scheduler", address, "--device", "cpu", "--batch-size", "4", "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["scored"] == 20
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    paths = list_images([image_dir / "b"])
+    assert [r["path"] for r in rows] == [str(p) for p in paths]  # input order
+    ref = reference_scores(fitted, paths, 4)
+    np.testing.assert_allclose([float(r["score"]) for r in rows], ref, rtol=1e-6)
+
+
+
+def test_client_arguments_are_checked():
+    with pytest.raises(po.PadimError, match="tcp://HOST:8786"):
+        with open_client(scheduler="localhost:1"):
+            pass
+    with pytest.raises(po.PadimError, match="not both"):
+        with open_client(workers=2, scheduler="tcp://127.0.0.1:1"):
+            pass
+    with pytest.raises(po.PadimError, match="cannot reach the Dask scheduler"):
+        with open_client(scheduler="tcp://127.0.0.1:1", timeout=2):
+            pass
+    with open_client(workers=1) as client:
+        assert client is None  # one worker: in this process
+
+
+@pytest.mark.slow
+def test_cli_fit_with_local_workers(tmp_path, image_dir):
+    """`fit --workers 2` starts its own cluster, says where its dashboard is, equals the one-process fit."""
+    small = ["--weights", "none", "--resize", "72", "--crop", "64", "--batch-size", "10", "--device", "cpu"]
+    for name, extra in (("one", ["--loader-workers", "0", "-q"]), ("two", ["--workers", "2"])):
+        proc = subprocess.run([sys.executable, "-m", "padim_ooc", "fit", image_dir, "--model",
+                               tmp_path / f"{name}.zarr", *small, *extra], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    assert "dashboard at http://" in proc.stderr and "memory plan" in proc.stderr
+    a, b = po.open_model(tmp_path / "one.zarr"), po.open_model(tmp_path / "two.zarr")
+    assert b.finalized and rel(b.covariance(), a.covariance()) <= 1e-10
