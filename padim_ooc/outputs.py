@@ -9,12 +9,13 @@ from typing import Sequence
 import numpy as np
 import zarr
 
+from .data import display_path
 from .errors import PadimError
 
 
 def display_name(path: Path) -> str:
-    """A path as printable text (undecodable bytes escaped)."""
-    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    """A path as printable text (undecodable bytes escaped as ``\\xff``)."""
+    return display_path(path)
 
 
 class ScoreWriter:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import ImageFiles, decode_rgb, loader
+from .data import ImageFiles, display_path, loader, read_image
 from .errors import PadimError
 from .extractor import Extractor
 from .store import ModelStore, read_array
@@ -151,7 +151,7 @@ class Model:
             chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
         else:
             pre = self.extractor.preprocess
-            items = [im if isinstance(im, Image.Image) else decode_rgb(Path(im).read_bytes()) for im in images]
+            items = [im if isinstance(im, Image.Image) else _open_image(Path(im)) for im in images]
             chunks = [torch.stack([pre(im) for im in items[i:i + batch_size]])
                       for i in range(0, len(items), batch_size)]
         scores, maps = [], []
@@ -182,7 +182,7 @@ def score_paths(model: Model, paths: Sequence[Path], *, batch_size: int = 32, si
         for i, err in zip(indices, errors):
             if err is not None:
                 if on_error == "fail":
-                    raise PadimError(f"bad image {os.fsdecode(paths[i])}: {err}")
+                    raise PadimError(f"bad image {display_path(paths[i])}: {err}")
                 bad.append((i, err))
         if batch is None:
             continue
@@ -190,6 +190,13 @@ def score_paths(model: Model, paths: Sequence[Path], *, batch_size: int = 32, si
         kept = [i for i, good in zip(indices, ok) if good]
         on_batch(kept, scores.float().cpu().numpy(), maps.float().cpu().numpy())
     return bad
+
+
+def _open_image(path: Path) -> Image.Image:
+    image, reason = read_image(path)
+    if reason:
+        raise PadimError(f"bad image {display_path(path)}: {reason}")
+    return image
 
 
 def check_finite(values: np.ndarray, what: str) -> None:
