@@ -11,9 +11,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import ImageFiles, list_images, loader
+from .data import ImageFiles, display_path, list_images, loader
 from .errors import PadimError
 from .extractor import Extractor
+from .lock import default_command, store_lock
 from .memory import MemoryPlan, default_budget, plan_memory
 from .progress import bar
 from .store import ModelStore, positions_per_chunk, store_exists
@@ -87,20 +88,29 @@ def fit_store(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *,
         raise PadimError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     paths = list_images(sources)
     model = os.fspath(model)
-    if store_exists(model):
-        store = ModelStore.open(model, writable=True)
-        if extractor is None:
-            extractor = Extractor.from_config(store.config, device=device, weights=weights)
+    with store_lock(model, default_command()):  # one writer at a time (a clear error names the other)
+        created = not store_exists(model)
+        if not created:
+            store = ModelStore.open(model, writable=True)
+            if extractor is None:
+                extractor = Extractor.from_config(store.config, device=device, weights=weights)
+            else:
+                check_compatible(store.attrs, extractor, model)
         else:
-            check_compatible(store.attrs, extractor, model)
-    else:
-        extractor = extractor or Extractor(device=device)
-        store = ModelStore.create(model, extractor.config())
-    summary = FitSummary(model=model)
-    _accumulate(store, extractor, paths, summary, batch_size=batch_size,
-                checkpoint_every=checkpoint_every, loader_workers=loader_workers,
-                on_error=on_error, progress=progress, max_memory=max_memory)
-    summary.n_images = store.n_images
+            extractor = extractor or Extractor(device=device)
+            store = ModelStore.create(model, extractor.config())
+        summary = FitSummary(model=model)
+        try:
+            _accumulate(store, extractor, paths, summary, batch_size=batch_size,
+                        checkpoint_every=checkpoint_every, loader_workers=loader_workers,
+                        on_error=on_error, progress=progress, max_memory=max_memory)
+        except BaseException:
+            if created:  # a first fit that failed before its first checkpoint leaves no model behind
+                store.remove_if_empty()
+            store.close()
+            raise
+        summary.n_images = store.n_images
+        store.close()
     return summary
 
 
@@ -125,7 +135,7 @@ def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summ
     with bar(f"fit {Path(store.path).name}", len(paths), enabled=progress) as advance_bar:
         batches = loader(dataset, batch_size, workers=loader_workers, pin_memory=device.type == "cuda")
         for indices, digests, batch, ok, errors in batches:
-            keep, fresh = [], []
+            keep, fresh, kept = [], [], []
             row = 0
             for i, key, good, err in zip(indices, digests, ok, errors):
                 if err is not None:
@@ -139,11 +149,13 @@ def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summ
                     seen.add(key)
                     fresh.append(key)
                     keep.append(row)
+                    kept.append(paths[i])
                     row += 1
             if keep:
                 if len(keep) < batch.shape[0]:
                     batch = batch[keep]
                 feats = extractor.embed(batch)
+                check_finite(feats, kept)
                 folder.add(feats.flatten(2).permute(2, 0, 1).contiguous())  # (P, b, d)
                 pending.extend(fresh)
                 summary.added += len(keep)
@@ -161,8 +173,26 @@ def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summ
         raise PadimError("no image could be read: the model has no statistics")
 
 
+def check_finite(feats: torch.Tensor, paths: Sequence[Path]) -> None:
+    """Refuse a batch whose features hold NaN or infinity (they would poison every statistic).
+
+    Parameters
+    ----------
+    feats : Tensor of shape (b, d, h, w)
+        The batch's features, one row per path of ``paths``.
+    """
+    finite = torch.isfinite(feats.flatten(1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = [p for p, f in zip(paths, finite.tolist()) if not f]
+    raise PadimError(f"the backbone gave non-finite features (NaN or infinity) for {len(bad)} of "
+                     f"{len(paths)} images of a batch, first {display_path(bad[0])}; the weights are "
+                     "probably broken (check --weights): nothing of this batch was added, the model "
+                     "keeps its last checkpoint")
+
+
 def _bad_image(path: Path, err: str, on_error: str, summary: FitSummary) -> None:
-    name = os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    name = display_path(path)
     if on_error == "fail":
         raise PadimError(f"bad image {name}: {err}")
     log.warning("skipped %s: %s", name, err)
