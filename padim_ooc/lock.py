@@ -74,8 +74,11 @@ def _process_start(pid: int) -> float | None:
 
 def default_command() -> str:
     """What this process is, for a lock's holder: ``padim-ooc fit`` or the script's name."""
-    prog = os.path.basename(sys.argv[0] or "python") if sys.argv else "python"
-    if prog in ("padim-ooc", "__main__.py") and len(sys.argv) > 1:
+    first = (sys.argv[0] if sys.argv else "") or "python"
+    prog = os.path.basename(first)
+    if prog == "__main__.py":  # python -m PACKAGE
+        prog = os.path.basename(os.path.dirname(os.path.abspath(first))).replace("_", "-")
+    if prog == "padim-ooc" and len(sys.argv) > 1:
         return f"padim-ooc {sys.argv[1]}"
     return prog
 
