@@ -73,7 +73,9 @@ def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | No
     mean = da.from_zarr(mean_z, chunks=mean_z.chunks)
     name, mean32, prec = store.begin_final(eps)
     precision = m2.map_blocks(precision_block, n, eps, dtype=np.float32)
-    stores = [da.to_zarr(precision, prec, compute=False), da.to_zarr(mean.astype(np.float32), mean32, compute=False)]
+    # da.store writes each block into its own region (blocks = stored chunks: no rechunk, no lock);
+    # da.to_zarr would rechunk to ~128 MiB blocks first and multiply the memory per task
+    stores = [da.store([precision, mean.astype(np.float32)], [prec, mean32], lock=False, compute=False)]
     if client is not None:
         dask.compute(*stores, scheduler=client)
     else:

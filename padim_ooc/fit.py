@@ -260,8 +260,10 @@ def _accumulate_blocked(store: ModelStore, extractor: Extractor, paths: list[Pat
                     if rows:
                         if len(rows) < batch.shape[0]:
                             batch = batch[rows]
-                        feats = extractor.embed(batch).flatten(2).permute(2, 0, 1)  # (P, b, d)
-                        folder.add(feats[start:stop].contiguous())
+                        feats = extractor.embed(batch)
+                        if b == 0:
+                            check_finite(feats, [paths[i] for i in indices if i in kept])
+                        folder.add(feats.flatten(2).permute(2, 0, 1)[start:stop].contiguous())  # (p, b, d)
                     advance_bar(len(indices))
                 folder.flush()
                 if not kept:
@@ -322,8 +324,7 @@ def _later_pass_rows(paths, indices, digests, ok, kept) -> list[int]:
     for i, key, good in zip(indices, digests, ok):
         if i in kept:
             if not good or key != kept[i]:
-                name = os.fsdecode(paths[i]).encode("utf-8", "backslashreplace").decode("utf-8")
-                raise PadimError(f"{name} changed or became unreadable during the fit; run the fit again "
+                raise PadimError(f"{display_path(paths[i])} changed or became unreadable during the fit; run the fit again "
                                  "(the model keeps its last checkpoint)")
             rows.append(row)
         if good:
@@ -347,12 +348,16 @@ def fit_part(paths: Sequence[str | os.PathLike], part: str, config: dict, *, dev
     else:
         store = ModelStore.create(part, extractor.config())
     summary = FitSummary(model=part)
+    paths = [Path(os.fsdecode(p)) for p in paths]
     try:
-        _accumulate(store, extractor, [Path(os.fsdecode(p)) for p in paths], summary,
-                    batch_size=batch_size, checkpoint_every=checkpoint_every, loader_workers=0,
-                    on_error=on_error, progress=False, max_memory=max_memory)
+        _accumulate(store, extractor, paths, summary, batch_size=batch_size,
+                    checkpoint_every=checkpoint_every, loader_workers=0, on_error=on_error,
+                    progress=False, max_memory=max_memory)
     except PadimError:
-        if summary.added or store.n_images or on_error == "fail":
+        accounted = len(summary.skipped) + summary.already_seen + summary.duplicates
+        if summary.added or store.n_images or accounted < len(paths):  # not "every image was unreadable"
             raise
+    finally:
+        store.close()
     summary.n_images = store.n_images
     return summary

@@ -138,14 +138,33 @@ def fit_sharded(sources: Sequence[str | os.PathLike], model: str | os.PathLike, 
     parts = shared_path(parts) if parts else model.rstrip("/") + ".parts"
     _check_shareable(model, parts)
     paths = [shared_path(p) for p in list_images(sources)]
-    if store_exists(model):
+    created = not store_exists(model)
+    if not created:
         store = ModelStore.open(model, writable=True)
         if extractor is not None:
             check_compatible(store.attrs, extractor, model)
     else:
         extractor = extractor or Extractor(device=device)
         store = ModelStore.create(model, extractor.config())
-    config = store.config
+    try:
+        summary = _fit_shards(store, paths, parts, client, batch_size=batch_size,
+                              checkpoint_every=checkpoint_every, on_error=on_error, progress=progress,
+                              device=device, weights=weights, max_memory=max_memory, shards=shards)
+    except BaseException:
+        if created:  # a first fit that failed leaves no model behind
+            store.remove_if_empty()
+        raise
+    finally:
+        store.close()
+    if summary.n_images == 0:
+        raise PadimError("no image could be read: the model has no statistics")
+    return summary
+
+
+def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batch_size: int,
+                checkpoint_every: int, on_error: str, progress: bool, device: str, weights: str | None,
+                max_memory: int | None, shards: int | None) -> FitSummary:
+    model, config = store.path, store.config
     ranges = shard_ranges(len(paths), batch_size, shards or _workers(client))
     summary = FitSummary(model=model)
     limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
@@ -203,8 +222,6 @@ def fit_sharded(sources: Sequence[str | os.PathLike], model: str | os.PathLike, 
     finally:
         _remove_tree(parts)
     summary.n_images = store.n_images
-    if summary.n_images == 0:
-        raise PadimError("no image could be read: the model has no statistics")
     return summary
 
 

@@ -111,6 +111,16 @@ def test_sharded_scores_equal_one_process(cluster, fitted, image_dir):
     np.testing.assert_allclose([maps[i][1].max() for i in range(len(paths))], ref, rtol=2e-3)
 
 
+def test_api_with_a_client(cluster, fitted, image_dir):
+    from padim_ooc.api import score_files
+
+    client, _ = cluster
+    paths = list_images([image_dir / "b"])
+    scores, maps = score_files(fitted, [image_dir / "b"], batch_size=4, maps=True, device="cpu", client=client)
+    np.testing.assert_allclose(scores, reference_scores(fitted, paths, 4), rtol=1e-6)
+    assert maps.shape == (20, 64, 64) and maps.dtype == np.float16
+
+
 def test_killed_worker_every_image_scored_once(cluster, fitted, image_dir):
     client, _ = cluster
     paths = list_images([image_dir / "b", image_dir / "a"])

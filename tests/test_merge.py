@@ -167,3 +167,17 @@ def test_cli_merge(tmp_path):
     mean, m2 = two_pass(x)
     back = ModelStore.open(tmp_path / "m.zarr").load_moments()
     assert rel(back.m2.numpy(), m2) <= 1e-12
+
+
+def test_api_merge_finalizes(tmp_path):
+    from padim_ooc.api import merge
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(15, 12, 4))
+    synthetic(tmp_path / "a.zarr", x[:, :5], [bytes([i]) * 16 for i in range(5)])
+    synthetic(tmp_path / "b.zarr", x[:, 5:], [bytes([i]) * 16 for i in range(5, 12)])
+    assert merge([tmp_path / "a.zarr", tmp_path / "b.zarr"], tmp_path / "m.zarr", eps=0.1)["n_images"] == 12
+    _, prec = ModelStore.open(tmp_path / "m.zarr").final_arrays()
+    ref = np.linalg.inv(np.cov(x[7], rowvar=False) + 0.1 * np.eye(4))
+    np.testing.assert_allclose(prec[7], ref, rtol=1e-5)
+
