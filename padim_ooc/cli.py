@@ -24,8 +24,9 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def command(func):
-    """Register a command that turns library errors into one line on stderr."""
+def command(func, target: Optional[typer.Typer] = None):
+    """Register a command (on ``target``, default the main app) that turns library
+    errors into one line on stderr."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
@@ -42,7 +43,7 @@ def command(func):
                 raise
             first = str(err).splitlines()[0] if str(err) else ""
             _fail(f"internal error: {type(err).__name__}: {first} (set PADIM_OOC_DEBUG=1 for the traceback)", 3)
-    return app.command()(wrapper)
+    return (target or app).command()(wrapper)
 
 
 def _layers(text: Optional[str]) -> Optional[list[str]]:
@@ -59,6 +60,8 @@ BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass
 LoaderOpt = typer.Option(None, "--loader-workers", min=0, help="Image decoding processes (default: cores, up to 8).")
 OnErrorOpt = typer.Option("skip", "--on-error", help="skip (warn and count) or fail (stop) on an unreadable image.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+PresetOpt = typer.Option(None, "--preset", help="r18-rd100 (resnet18, 100 channels), wr50-rd550 "
+                         "(wide_resnet50_2, 550) or lite0 (efficientnet_lite0, all 176); explicit options override it.")
 
 
 @command
@@ -72,6 +75,7 @@ def fit(
     weights: Optional[str] = typer.Option(None, "--weights", help="default (pretrained), a state-dict file, or none (random) [default]."),
     resize: Optional[int] = typer.Option(None, "--resize", min=1, help="Square resize in pixels [256]."),
     crop: Optional[int] = typer.Option(None, "--crop", min=1, help="Centre crop in pixels [224]."),
+    preset: Optional[str] = PresetOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     checkpoint_every: int = typer.Option(1000, "--checkpoint-every", min=1, help="Images between checkpoints."),
@@ -90,6 +94,11 @@ def fit(
     from .data import list_images
 
     paths = list_images(data)  # bad input fails before any model is built
+    if preset is not None:  # the preset's options, overridden by those given explicitly
+        from .presets import resolve
+
+        chosen = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop)
+        backbone, dims, resize, crop = (chosen[k] for k in ("backbone", "dims", "resize", "crop"))
     given = {"backbone": backbone, "layers": _layers(layers), "seed": seed, "resize": resize, "crop": crop}
     extractor = None
     if store_exists(model):
@@ -164,6 +173,93 @@ def score(
         for i, err in bad:
             log.warning("skipped %s: %s", writer.name(i), err)
     typer.echo(json.dumps({"scored": writer.count, "skipped": len(bad), "out": str(out)}))
+
+
+@command
+def evaluate(
+    model: str = typer.Argument(..., help="Model store (finalized)."),
+    data: Path = typer.Argument(..., help="Class folder: MVTec AD layout (train/good, test/<type>, "
+                                "ground_truth/<type>) or good/ + defect/."),
+    out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, scores.csv, report.html."),
+    sigma: float = typer.Option(4.0, "--sigma", min=0.0, help="Gaussian blur of the maps (pixels); 0 = none."),
+    examples: int = typer.Option(4, "--examples", min=0, help="Images shown per report section."),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file, if the model was fitted with one."),
+    loader_workers: Optional[int] = LoaderOpt,
+    quiet: bool = QuietOpt,
+):
+    """Score a labelled test split: image AUROC, pixel AUROC, PRO, and an HTML report."""
+    from .api import open_model
+    from .evaluate import evaluate as run_evaluate
+    from .layouts import find_layout
+
+    layout = find_layout(data)
+    m = open_model(model, device=device, weights=_weights(weights))
+    ev = run_evaluate(m, layout, batch_size=batch_size, sigma=sigma, loader_workers=loader_workers,
+                      examples=examples, progress=not quiet)
+    report = ev.write(out)
+    keys = ("image_auroc", "pixel_auroc", "pro", "n_images", "n_skipped", "counts")
+    typer.echo(json.dumps({k: ev.metrics[k] for k in keys} | {"report": str(report)}))
+
+
+benchmark_app = typer.Typer(no_args_is_help=True, help="Fit and evaluate on a benchmark data set.")
+app.add_typer(benchmark_app, name="benchmark")
+
+
+@functools.partial(command, target=benchmark_app)
+def mvtec(
+    root: Path = typer.Argument(..., help="MVTec AD root (one folder per class) or one class folder."),
+    out: Path = typer.Option(..., "--out", help="Output folder: <class>/ (model, report), benchmark.md/.csv/.json."),
+    preset: Optional[str] = typer.Option("r18-rd100", "--preset", help="r18-rd100, wr50-rd550 or lite0."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class names [all found]."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Override the preset's backbone."),
+    dims: Optional[int] = typer.Option(None, "--dims", min=1, help="Override the preset's channel count."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the channel draw (and of random weights)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="default, a state-dict file, or none [preset's]."),
+    resize: Optional[int] = typer.Option(None, "--resize", min=1, help="Override the preset's resize [256]."),
+    crop: Optional[int] = typer.Option(None, "--crop", min=1, help="Override the preset's crop [224]."),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    loader_workers: Optional[int] = LoaderOpt,
+    quiet: bool = QuietOpt,
+):
+    """MVTec AD: fit + evaluate every class, a table beside the paper's numbers."""
+    from .benchmark import benchmark_mvtec, markdown_table
+    from .extractor import Extractor
+    from .presets import resolve
+
+    opts = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop, weights=_weights(weights))
+    extractor = Extractor(opts["backbone"], dims=opts["dims"], seed=seed, weights=opts["weights"],
+                          resize=opts["resize"], crop=opts["crop"], device=device)
+    result = benchmark_mvtec(root, out, extractor, preset=preset, classes=_layers(classes),
+                             batch_size=batch_size, loader_workers=loader_workers, progress=not quiet)
+    typer.echo(markdown_table(result))
+
+
+@command
+def demo(
+    out: Path = typer.Option(Path("padim_ooc_demo"), "--out", help="Working folder: images, model, report/."),
+    full: bool = typer.Option(False, "--full", help="The whole split instead of the quick subset."),
+    cell_type: str = typer.Option("mono", "--cell-type", help="mono or poly solar cells."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/test split."),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    loader_workers: Optional[int] = LoaderOpt,
+    quiet: bool = QuietOpt,
+):
+    """Offline demo: ELPV solar cells, EfficientNet-Lite0, image AUROC and a report."""
+    from .demo import run_demo
+
+    if cell_type not in ("mono", "poly"):
+        raise PadimError(f"--cell-type must be mono or poly, not {cell_type!r}")
+    ev, info = run_demo(out, full=full, cell_type=cell_type, seed=seed, batch_size=batch_size, device=device,
+                        loader_workers=loader_workers, progress=not quiet)
+    s = info["split"]
+    typer.echo(f"image AUROC {ev.metrics['image_auroc']:.4f} on ELPV {cell_type} cells "
+               f"({s['n_test_good']} good + {s['n_test_defect']} defective test cells, fitted on "
+               f"{s['n_train']} good cells) in {info['total_s']:.0f} s")
+    typer.echo(f"report: {info['report']}")
 
 
 @command

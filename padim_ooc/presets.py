@@ -1,0 +1,61 @@
+"""Named configurations matching the PaDiM paper, and the numbers it published for them.
+
+A preset fills the extractor options (backbone, channels, preprocessing,
+weights); options given explicitly override it. The published figures are
+the MVTec AD means (15 classes) from /work/shared/PAPER.md, in percent;
+``None`` where the paper gives no number for that configuration.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import PadimError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "r18-rd100": {"backbone": "resnet18", "dims": 100, "resize": 256, "crop": 224, "weights": "default"},
+    "wr50-rd550": {"backbone": "wide_resnet50_2", "dims": 550, "resize": 256, "crop": 224,
+                   "weights": "default"},
+    # EfficientNet-Lite0: all 24 + 40 + 112 = 176 channels of stages 2, 3 and 5.
+    "lite0": {"backbone": "efficientnet_lite0", "dims": None, "resize": 256, "crop": 224,
+              "weights": "default"},
+}
+
+PAPER_MVTEC_MEAN: dict[str, dict[str, float | None]] = {
+    "r18-rd100": {"image_auroc": None, "pixel_auroc": 96.7, "pro": 91.7},
+    "wr50-rd550": {"image_auroc": 95.3, "pixel_auroc": 97.5, "pro": 92.1},
+    "lite0": {"image_auroc": None, "pixel_auroc": None, "pro": None},
+}
+"""PaDiM's published MVTec AD means (percent). R18-Rd100's PRO is also transcribed as 90.1."""
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The extractor options of preset ``name`` (a copy).
+
+    Raises
+    ------
+    PadimError
+        If ``name`` is not a known preset.
+    """
+    if name not in PRESETS:
+        raise PadimError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def resolve(name: str | None, **given: Any) -> dict[str, Any]:
+    """Preset options overridden by the options given (``None`` = not given).
+
+    Without a preset the defaults are resnet18 (Rd100), resize 256, crop 224
+    (or the resize if smaller), pretrained weights.
+    """
+    base = preset(name) if name else {"backbone": "resnet18", "dims": None, "resize": 256,
+                                      "crop": None, "weights": "default"}
+    out = dict(base)
+    for key, value in given.items():
+        if value is not None:
+            out[key] = value
+    if out.get("crop") is None:
+        out["crop"] = min(224, out["resize"])
+    if "crop" not in given or given.get("crop") is None:
+        if given.get("resize") is not None and out["crop"] > out["resize"]:
+            out["crop"] = out["resize"]
+    return out
