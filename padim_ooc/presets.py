@@ -53,9 +53,6 @@ def resolve(name: str | None, **given: Any) -> dict[str, Any]:
     for key, value in given.items():
         if value is not None:
             out[key] = value
-    if out.get("crop") is None:
-        out["crop"] = min(224, out["resize"])
-    if "crop" not in given or given.get("crop") is None:
-        if given.get("resize") is not None and out["crop"] > out["resize"]:
-            out["crop"] = out["resize"]
+    if given.get("crop") is None:  # the default crop never exceeds a smaller resize given
+        out["crop"] = min(out["crop"] or 224, out["resize"])
     return out
