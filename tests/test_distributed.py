@@ -225,3 +225,49 @@ def test_cli_fit_with_local_workers(tmp_path, image_dir):
     assert "dashboard at http://" in proc.stderr and "memory plan" in proc.stderr
     a, b = po.open_model(tmp_path / "one.zarr"), po.open_model(tmp_path / "two.zarr")
     assert b.finalized and rel(b.covariance(), a.covariance()) <= 1e-10
+
+
+@pytest.mark.slow
+def test_sharded_fit_survives_a_killed_worker(cluster, tmp_path, image_dir, extractor):
+    """A worker killed after its partial fit checkpointed: the task reruns elsewhere, resumes the
+    partial store (its stale lock is recovered) and the result equals the one-process fit."""
+    import threading
+
+    client, _ = cluster
+    client.wait_for_workers(2, timeout=60)
+    one = fit_store([image_dir], tmp_path / "one.zarr", extractor=extractor, batch_size=2,
+                    loader_workers=0, progress=False)
+    model, result = tmp_path / "m.zarr", {}
+
+    def run():
+        try:
+            result["summary"] = fit_sharded([image_dir], model, client, extractor=extractor, batch_size=2,
+                                            checkpoint_every=4, shards=2, device="cpu", progress=False)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = err
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    pids, killed, deadline = client.run(os.getpid), None, time.monotonic() + 120
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        for addr, keys in client.processing().items():
+            for key in keys:
+                if not str(key).startswith("padim-ooc-fit-"):
+                    continue
+                part = model.parent / "m.zarr.parts" / f"part-{int(str(key).rsplit('-', 1)[1]):05d}.zarr"
+                if (part / "zarr.json").exists() and ModelStore.open(part).n_images >= 4:
+                    os.kill(pids[addr], signal.SIGKILL)
+                    killed = (addr, ModelStore.open(part).n_images)
+                    break
+            if killed:
+                break
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed is not None, "no partial fit was caught in the middle"
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary.added == 40 and summary.n_images == 40
+    fitted, one = po.open_model(model), po.open_model(tmp_path / "one.zarr")
+    assert rel(fitted.covariance(), one.covariance()) <= 1e-10 and rel(fitted.mean, one.mean) <= 1e-10
+    assert fitted.store.ledger() == one.store.ledger()
+    client.wait_for_workers(2, timeout=60)
