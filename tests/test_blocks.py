@@ -81,3 +81,25 @@ def test_blocked_incremental_fit_with_duplicates(tmp_path, image_dir, extractor)
     mean, cov = exact_stats(extractor, list_images([image_dir]), 5)
     assert rel(b.mean, mean) <= 1e-5 and rel(b.covariance(), cov) <= 1e-5
     assert ModelStore.open(models["blocked"]).ledger() == ModelStore.open(models["one"]).ledger()
+
+
+def test_cli_max_memory(tmp_path, image_dir, extractor):
+    import json
+
+    from typer.testing import CliRunner
+
+    from padim_ooc.cli import app
+
+    budget = tiny_budget(extractor, 10, 2)
+    args = ["fit", str(image_dir / "a"), "--model", str(tmp_path / "m.zarr"), "--weights", "none",
+            "--resize", "72", "--crop", "64", "--batch-size", "10", "--loader-workers", "0", "--device", "cpu",
+            "--max-memory", f"{budget}B"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "memory plan: 2 passes over the images" in result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["blocks"] == 2 and out["n_images"] == 20 and out["finalized"]
+    one = po.fit([image_dir / "a"], tmp_path / "one.zarr", extractor=extractor, batch_size=10, loader_workers=0)
+    assert rel(po.open_model(tmp_path / "m.zarr").covariance(), one.covariance()) <= 1e-12
+    bad = CliRunner().invoke(app, [*args[:-1], "lots"])
+    assert bad.exit_code == 2 and "error: --max-memory expects a size like 4GB" in bad.stderr

@@ -170,16 +170,22 @@ def test_sharded_fit_extends_a_model_and_drops_repeats(cluster, tmp_path, image_
     src = list_images([image_dir / "b"])
     (copies / "copy0.png").write_bytes(src[0].read_bytes())
     (copies / "copy1.png").write_bytes(src[7].read_bytes())
+    (copies / "junk.png").write_bytes(b"not an image")
     path = tmp_path / "m.zarr"
     fit_store([image_dir / "a"], path, extractor=extractor, batch_size=8, loader_workers=0, progress=False)
     summary = fit_sharded([image_dir / "a", image_dir / "b", copies], path, client, batch_size=8,
                           device="cpu", progress=False)
     assert (summary.added, summary.already_seen, summary.duplicates) == (20, 20, 2)
+    assert [name for name, _ in summary.skipped] == [str(copies / "junk.png")]
     assert summary.n_images == 40
     model = po.open_model(path)
     mean, cov = exact_stats(extractor, list_images([image_dir]), 8)
     assert rel(model.mean, mean) <= 1e-6 and rel(model.covariance(), cov) <= 1e-5
     assert len(model.store.ledger()) == 40
+    # on_error="fail": the shard's error reaches the caller, the model and its folder are as they were
+    with pytest.raises(po.PadimError, match="junk.png"):
+        fit_sharded([copies], path, client, batch_size=8, device="cpu", progress=False, on_error="fail")
+    assert ModelStore.open(path).n_images == 40 and not (tmp_path / "m.zarr.parts").exists()
 
 
 def test_cli_on_an_existing_cluster(cluster, fitted, tmp_path, image_dir):
