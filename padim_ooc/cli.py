@@ -38,6 +38,11 @@ def command(func, target: Optional[typer.Typer] = None):
             _fail("interrupted", 130)
         except (typer.Exit, typer.Abort):
             raise
+        except OSError as err:  # full disk, permissions, ...: the system's reason and the file
+            if os.environ.get("PADIM_OOC_DEBUG"):
+                raise
+            where = f" ({os.fsdecode(err.filename)})" if getattr(err, "filename", None) else ""
+            _fail(f"{err.strerror or err}{where}".replace("\n", " "))
         except Exception as err:  # a bug, not a user error: still one line unless debugging
             if os.environ.get("PADIM_OOC_DEBUG"):
                 raise
@@ -54,7 +59,21 @@ def _weights(text: Optional[str]) -> Optional[str]:
     return None if text is None else ("none" if text.lower() == "none" else text)
 
 
-DataArg = typer.Argument(..., help="Image folders (recursive), image files, or .txt lists of paths.")
+DataArg = typer.Argument(None, show_default=False,
+                         help="Image folders (recursive), image files, or .txt lists of paths.")
+
+
+def _need_data(data: Optional[List[str]], example: str) -> List[str]:
+    if not data:
+        raise PadimError(f"no images given: name image folders, image files or .txt lists of paths, "
+                         f"e.g. `{example}`")
+    return data
+
+
+def _need_on_error(value: str) -> str:
+    if value not in ("skip", "fail"):
+        raise PadimError(f"--on-error must be skip or fail, not {value!r}")
+    return value
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass.")
 LoaderOpt = typer.Option(None, "--loader-workers", min=0, help="Image decoding processes (default: cores, up to 8).")
@@ -89,11 +108,13 @@ def fit(
     from .extractor import Extractor
     from .finalize import finalize as run_finalize
     from .fit import fit_store
+    from .lock import store_lock
     from .store import ModelStore, store_exists
 
     from .data import list_images
 
-    paths = list_images(data)  # bad input fails before any model is built
+    paths = list_images(_need_data(data, "padim-ooc fit data/train/good --model model.zarr"))
+    _need_on_error(on_error)  # bad input fails before any model is built
     if preset is not None:  # the preset's options, overridden by those given explicitly
         from .presets import resolve
 
@@ -114,12 +135,13 @@ def fit(
         extractor = Extractor(backbone or "resnet18", layers=given["layers"], dims=dims, seed=seed or 0,
                               weights=_weights(weights) if weights else "default", resize=resize_v,
                               crop=crop or min(224, resize_v), device=device)
-    summary = fit_store(paths, model, extractor=extractor, batch_size=batch_size,
-                        checkpoint_every=checkpoint_every, loader_workers=loader_workers,
-                        on_error=on_error, progress=not quiet, device=device, weights=_weights(weights))
-    store = ModelStore.open(model, writable=True)
-    if not no_finalize and not store.attrs["finalized"]:
-        run_finalize(store, eps=eps)
+    with store_lock(model, "padim-ooc fit"):  # fit and finalize without another writer in between
+        summary = fit_store(paths, model, extractor=extractor, batch_size=batch_size,
+                            checkpoint_every=checkpoint_every, loader_workers=loader_workers,
+                            on_error=on_error, progress=not quiet, device=device, weights=_weights(weights))
+        with ModelStore.open(model, writable=True) as store:
+            if not no_finalize and not store.attrs["finalized"]:
+                run_finalize(store, eps=eps)
     out = summary.as_dict() | {"finalized": not no_finalize}
     typer.echo(json.dumps(out))
 
@@ -133,8 +155,8 @@ def finalize(
     from .finalize import finalize as run_finalize
     from .store import ModelStore
 
-    store = ModelStore.open(model, writable=True)
-    run_finalize(store, eps=eps)
+    with ModelStore.open(model, writable=True) as store:
+        run_finalize(store, eps=eps)  # the store's lock is given back on the way out
     typer.echo(json.dumps({"model": model, "finalized": True, "eps": eps, "n_images": store.n_images}))
 
 
@@ -159,6 +181,8 @@ def score(
     from .progress import bar
     from .score import score_paths
 
+    data = _need_data(data, f"padim-ooc score {model} data/test --out out")
+    _need_on_error(on_error)
     m = open_model(model, device=device, weights=_weights(weights))
     m.store.final_arrays()  # a clear error before reading any image
     paths = list_images(data)

@@ -140,14 +140,16 @@ def kill(proc, sig=signal.SIGKILL) -> tuple[bool, str]:
     return running, err
 
 
-def crash_and_resume(tmp_path, crash_images, reference, pauses, random_kills, seed):
-    """Kill a fit at each pause point and after random delays, resume each time; compare."""
+def crash_and_resume(tmp_path, crash_images, reference, moments, seed):
+    """Kill a fit at each moment in turn, resume each time; compare with the uninterrupted run.
+
+    ``moments``: pause points (``point:n``, SIGKILL there; ``ctrl-c@point:n``, SIGINT there)
+    or ``random`` (SIGKILL after a random delay once the fit holds the store's lock).
+    """
     ref_model, work_seconds = reference
     model = tmp_path / "m.zarr"
     rng = random.Random(seed)
-    # the chosen moments first (each is reached: every run has work left), then random ones
-    plan = [("pause", p) for p in pauses] + [("random", None)] * random_kills
-    # a pause point written "ctrl-c@point:n" gets SIGINT (Ctrl-C) instead of SIGKILL
+    plan = [("random", None) if m == "random" else ("pause", m) for m in moments]
     killed, counts, refused = [], [], False
     for i, (kind, pause) in enumerate(plan):
         marker = tmp_path / f"paused-{i}"
@@ -213,7 +215,7 @@ def crash_and_resume(tmp_path, crash_images, reference, pauses, random_kills, se
 def test_killed_fit_resumes_to_the_uninterrupted_statistics(tmp_path, crash_images, reference):
     t0 = time.monotonic()
     pauses = ["checkpoint-written:3", "ctrl-c@chunk:2"]
-    killed, counts = crash_and_resume(tmp_path, crash_images, reference, pauses, random_kills=1, seed=5)
+    killed, counts = crash_and_resume(tmp_path, crash_images, reference, pauses + ["random"], seed=5)
     assert killed[:2] == pauses and counts[:2] == [20, 20]
     assert counts == sorted(counts)  # progress is never lost across kills
     print(f"\ncrash test: {len(killed)} kill points {killed}, counts after kills {counts}, "
@@ -224,10 +226,12 @@ def test_killed_fit_resumes_to_the_uninterrupted_statistics(tmp_path, crash_imag
 def test_killed_fit_many_times(tmp_path, crash_images, reference):
     t0 = time.monotonic()
     pauses = ["checkpoint-written:1", "checkpoint-written:2", "checkpoint-switched:1",
-              "checkpoint-switched:3", "chunk:1", "chunk:2", "chunk:3", "chunk:5", "final-written:1",
-              "ctrl-c@checkpoint-written:2", "ctrl-c@checkpoint-switched:1"]
-    killed, counts = crash_and_resume(tmp_path, crash_images, reference, pauses, random_kills=8, seed=17)
-    assert len(killed) >= len(pauses)
+              "ctrl-c@checkpoint-written:2", "checkpoint-switched:3", "chunk:1", "chunk:2", "chunk:3",
+              "ctrl-c@checkpoint-switched:1", "chunk:5"]
+    # every pause point is reached (each run has work left), then random kills, then one in finalize
+    moments = pauses + ["random"] * 8 + ["final-written:1"]
+    killed, counts = crash_and_resume(tmp_path, crash_images, reference, moments, seed=17)
+    assert killed[:len(pauses)] == pauses
     print(f"\ncrash test (slow): {len(killed)} kill points, counts {counts}, {time.monotonic() - t0:.1f} s")
 
 
