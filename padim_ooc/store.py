@@ -150,8 +150,13 @@ class ModelStore:
 
     @classmethod
     def _create(cls, path: str, config: dict[str, Any]) -> "ModelStore":
-        if not _is_url(path) and os.path.exists(path) and set(os.listdir(path)) - {lock.LOCK_NAME}:
-            raise PadimError(f"{path} exists and is not a padim_ooc model; choose another --model path")
+        if not _is_url(path) and os.path.exists(path):
+            names = set(os.listdir(path)) - {lock.LOCK_NAME}
+            partial = {n for n in names if n.endswith(".partial")}  # a creation that was killed
+            if names - partial:
+                raise PadimError(f"{path} exists and is not a padim_ooc model; choose another --model path")
+            for name in partial:
+                os.unlink(os.path.join(path, name))
         attrs = {
             "schema_version": SCHEMA_VERSION,
             "library_version": __version__,

@@ -335,6 +335,13 @@ def test_interrupted_writes_leave_nothing_that_breaks_the_store(tmp_path):
         pass
     assert sorted(os.listdir(path)) == ["ledger", "state-000001", "zarr.json"]
     assert sorted(os.listdir(path / "ledger")) == ["000001", "zarr.json"]
+    # a creation killed while it wrote the attributes: the folder holds only a temporary file
+    fresh = tmp_path / "new.zarr"
+    fresh.mkdir()
+    (fresh / "zarr.4567cdef.partial").write_bytes(b'{"zarr_fo')
+    with ModelStore.create(fresh, CONFIG):
+        pass
+    assert sorted(os.listdir(fresh)) == ["zarr.json"]
 
 
 def test_enospc_during_finalize_keeps_the_model_as_it_was(tmp_path, image_dir, extractor, monkeypatch):
