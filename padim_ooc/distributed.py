@@ -44,11 +44,6 @@ def _plugin_class():
     return TorchThreads
 
 
-def client_workers(client) -> int:
-    """Number of workers the client's cluster has now (at least 1)."""
-    return max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
-
-
 def _check_args(workers: int | None, scheduler: str | None) -> None:
     if workers is not None and workers < 1:
         raise PadimError(f"--workers must be at least 1, got {workers}")
@@ -110,4 +105,4 @@ def open_client(workers: int | None = None, scheduler: str | None = None, *,
             cluster.close()
 
 
-__all__ = ["open_client", "client_workers"]
+__all__ = ["open_client"]
