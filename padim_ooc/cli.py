@@ -79,6 +79,24 @@ BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass
 LoaderOpt = typer.Option(None, "--loader-workers", min=0, help="Image decoding processes (default: cores, up to 8).")
 OnErrorOpt = typer.Option("skip", "--on-error", help="skip (warn and count) or fail (stop) on an unreadable image.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+WorkersOpt = typer.Option(None, "--workers", min=1, help="Run on a local Dask cluster of N worker processes "
+                          "(one thread each); its dashboard address is printed.")
+SchedulerOpt = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: tcp://HOST:PORT "
+                            "(its workers must reach the model and the images).")
+
+
+def _bytes(text: Optional[str]) -> Optional[int]:
+    if text is None:
+        return None
+    from dask.utils import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except (ValueError, TypeError):
+        raise PadimError(f"--max-memory expects a size like 4GB or 512MiB, got {text!r}") from None
+    if value <= 0:
+        raise PadimError(f"--max-memory must be positive, got {text!r}")
+    return value
 PresetOpt = typer.Option(None, "--preset", help="r18-rd100 (resnet18, 100 channels), wr50-rd550 "
                          "(wide_resnet50_2, 550) or lite0 (efficientnet_lite0, all 176); explicit options override it.")
 
@@ -103,8 +121,14 @@ def fit(
     loader_workers: Optional[int] = LoaderOpt,
     on_error: str = OnErrorOpt,
     quiet: bool = QuietOpt,
+    workers: Optional[int] = WorkersOpt,
+    scheduler: Optional[str] = SchedulerOpt,
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget of each fitting "
+                                             "process, e.g. 6GB [available memory x 0.8]; when the statistics do "
+                                             "not fit, positions are fitted in blocks, one pass over the images each."),
 ):
     """Fit a model on normal images (or add unseen images to an existing one)."""
+    from .distributed import open_client
     from .extractor import Extractor
     from .finalize import finalize as run_finalize
     from .fit import fit_store
@@ -135,13 +159,23 @@ def fit(
         extractor = Extractor(backbone or "resnet18", layers=given["layers"], dims=dims, seed=seed or 0,
                               weights=_weights(weights) if weights else "default", resize=resize_v,
                               crop=crop or min(224, resize_v), device=device)
-    with store_lock(model, "padim-ooc fit"):  # fit and finalize without another writer in between
-        summary = fit_store(paths, model, extractor=extractor, batch_size=batch_size,
-                            checkpoint_every=checkpoint_every, loader_workers=loader_workers,
-                            on_error=on_error, progress=not quiet, device=device, weights=_weights(weights))
+    budget = _bytes(max_memory)
+    with open_client(workers, scheduler) as client, \
+            store_lock(model, "padim-ooc fit"):  # fit and finalize without another writer in between
+        if client is None:
+            summary = fit_store(paths, model, extractor=extractor, batch_size=batch_size,
+                                checkpoint_every=checkpoint_every, loader_workers=loader_workers,
+                                on_error=on_error, progress=not quiet, device=device, weights=_weights(weights),
+                                max_memory=budget)
+        else:
+            from .shards import fit_sharded
+
+            summary = fit_sharded(paths, model, client, extractor=extractor, batch_size=batch_size,
+                                  checkpoint_every=checkpoint_every, on_error=on_error, progress=not quiet,
+                                  device=device, weights=_weights(weights), max_memory=budget)
         with ModelStore.open(model, writable=True) as store:
             if not no_finalize and not store.attrs["finalized"]:
-                run_finalize(store, eps=eps)
+                run_finalize(store, eps=eps, client=client)
     out = summary.as_dict() | {"finalized": not no_finalize}
     typer.echo(json.dumps(out))
 
@@ -150,14 +184,41 @@ def fit(
 def finalize(
     model: str = typer.Argument(..., help="Model store."),
     eps: float = typer.Option(0.01, "--eps", help="Added to the covariance diagonal."),
+    workers: Optional[int] = WorkersOpt,
+    scheduler: Optional[str] = SchedulerOpt,
 ):
     """Compute the precision matrices of a fitted model (covariance + eps I, Cholesky)."""
+    from .distributed import open_client
     from .finalize import finalize as run_finalize
     from .store import ModelStore
 
-    with ModelStore.open(model, writable=True) as store:
-        run_finalize(store, eps=eps)  # the store's lock is given back on the way out
+    with ModelStore.open(model, writable=True) as store, open_client(workers, scheduler) as client:
+        run_finalize(store, eps=eps, client=client)  # the store's lock is given back on the way out
     typer.echo(json.dumps({"model": model, "finalized": True, "eps": eps, "n_images": store.n_images}))
+
+
+@command
+def merge(
+    parts: List[str] = typer.Argument(..., help="Model stores fitted on disjoint image sets, same configuration."),
+    model: str = typer.Option(..., "--model", help="Output store: created, or extended if it exists."),
+    no_finalize: bool = typer.Option(False, "--no-finalize", help="Leave the merged model unfinalized."),
+    eps: float = typer.Option(0.01, "--eps", help="Added to the covariance diagonal at finalize."),
+    workers: Optional[int] = WorkersOpt,
+    scheduler: Optional[str] = SchedulerOpt,
+):
+    """Merge model stores fitted elsewhere into one model (Chan's formula, chunk by chunk)."""
+    from .distributed import open_client
+    from .finalize import finalize as run_finalize
+    from .lock import store_lock
+    from .merge import merge_stores
+    from .store import ModelStore
+
+    with open_client(workers, scheduler) as client, store_lock(model, "padim-ooc merge"):
+        result = merge_stores(parts, model, client=client)
+        with ModelStore.open(model, writable=True) as store:
+            if not no_finalize:
+                run_finalize(store, eps=eps, client=client)
+    typer.echo(json.dumps(result | {"finalized": not no_finalize}))
 
 
 @command
@@ -173,9 +234,12 @@ def score(
     loader_workers: Optional[int] = LoaderOpt,
     on_error: str = OnErrorOpt,
     quiet: bool = QuietOpt,
+    workers: Optional[int] = WorkersOpt,
+    scheduler: Optional[str] = SchedulerOpt,
 ):
     """Score images: OUT/scores.csv with one row `path,score` per image, in input order."""
     from .api import open_model
+    from .distributed import open_client
     from .data import list_images
     from .outputs import ScoreWriter
     from .progress import bar
@@ -186,14 +250,21 @@ def score(
     m = open_model(model, device=device, weights=_weights(weights))
     m.store.final_arrays()  # a clear error before reading any image
     paths = list_images(data)
-    with ScoreWriter(out, paths, crop=m.store.attrs["crop"], maps=maps) as writer, \
+    with open_client(workers, scheduler) as client, \
+            ScoreWriter(out, paths, crop=m.store.attrs["crop"], maps=maps) as writer, \
             bar(f"score {Path(model).name}", len(paths), enabled=not quiet) as advance:
         def on_batch(indices, scores, batch_maps):
             writer.add(indices, scores, batch_maps)
             advance(len(indices))
 
-        bad = score_paths(m, paths, batch_size=batch_size, sigma=sigma, loader_workers=loader_workers,
-                          on_error=on_error, on_batch=on_batch)
+        if client is None:
+            bad = score_paths(m, paths, batch_size=batch_size, sigma=sigma, loader_workers=loader_workers,
+                              on_error=on_error, on_batch=on_batch)
+        else:
+            from .shards import score_sharded
+
+            bad = score_sharded(model, paths, client, batch_size=batch_size, sigma=sigma, maps=maps,
+                                on_error=on_error, device=device, weights=_weights(weights), on_result=on_batch)
         for i, err in bad:
             log.warning("skipped %s: %s", writer.name(i), err)
     typer.echo(json.dumps({"scored": writer.count, "skipped": len(bad), "out": str(out)}))
