@@ -80,12 +80,7 @@ def fit_store(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *,
     budget of :func:`plan_memory`: if the float64 accumulator does not fit,
     the positions are split into blocks, one pass over the images each.
     """
-    if batch_size < 1:
-        raise PadimError(f"batch size must be at least 1, got {batch_size}")
-    if checkpoint_every < 1:
-        raise PadimError(f"checkpoint interval must be at least 1 image, got {checkpoint_every}")
-    if on_error not in ("skip", "fail"):
-        raise PadimError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    check_options(batch_size, checkpoint_every, on_error)
     paths = list_images(sources)
     model = os.fspath(model)
     with store_lock(model, default_command()):  # one writer at a time (a clear error names the other)
@@ -114,6 +109,21 @@ def fit_store(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *,
     return summary
 
 
+def fold_samples(positions: int, dims: int, batch_size: int) -> int:
+    """Images whose float32 features are buffered before a fold (about FOLD_BYTES, at least a batch)."""
+    return min(FOLD_MAX_IMAGES, max(batch_size, FOLD_BYTES // (positions * dims * 4)))
+
+
+def check_options(batch_size: int, checkpoint_every: int, on_error: str) -> None:
+    """One-line errors for fit options out of range."""
+    if batch_size < 1:
+        raise PadimError(f"batch size must be at least 1, got {batch_size}")
+    if checkpoint_every < 1:
+        raise PadimError(f"checkpoint interval must be at least 1 image, got {checkpoint_every}")
+    if on_error not in ("skip", "fail"):
+        raise PadimError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+
+
 def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summary: FitSummary, *,
                 batch_size: int, checkpoint_every: int, loader_workers: int | None,
                 on_error: str, progress: bool, max_memory: int | None = None) -> None:
@@ -128,37 +138,22 @@ def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summ
     acc = store.load_moments(device=device)
     seen = store.ledger()
     dataset = ImageFiles(paths, extractor.preprocess, skip=frozenset(seen))
-    per_sample = extractor.positions * extractor.dims * 4  # float32 features of one image
     folder = Folder(acc, block=positions_per_chunk(extractor.dims),
-                    max_samples=min(FOLD_MAX_IMAGES, max(batch_size, FOLD_BYTES // per_sample)))
+                    max_samples=fold_samples(extractor.positions, extractor.dims, batch_size))
     pending: list[bytes] = []
     with bar(f"fit {Path(store.path).name}", len(paths), enabled=progress) as advance_bar:
         batches = loader(dataset, batch_size, workers=loader_workers, pin_memory=device.type == "cuda")
         for indices, digests, batch, ok, errors in batches:
-            keep, fresh, kept = [], [], []
-            row = 0
-            for i, key, good, err in zip(indices, digests, ok, errors):
-                if err is not None:
-                    _bad_image(paths[i], err, on_error, summary)
-                elif not good:
-                    summary.already_seen += 1
-                elif key in seen:
-                    summary.duplicates += 1
-                    row += 1
-                else:
-                    seen.add(key)
-                    fresh.append(key)
-                    keep.append(row)
-                    kept.append(paths[i])
-                    row += 1
-            if keep:
-                if len(keep) < batch.shape[0]:
-                    batch = batch[keep]
+            kept: dict[int, bytes] = {}
+            rows = _first_pass_rows(paths, indices, digests, ok, errors, seen, kept, on_error, summary)
+            if rows:
+                if len(rows) < batch.shape[0]:
+                    batch = batch[rows]
                 feats = extractor.embed(batch)
-                check_finite(feats, kept)
+                check_finite(feats, [paths[i] for i in kept])
                 folder.add(feats.flatten(2).permute(2, 0, 1).contiguous())  # (P, b, d)
-                pending.extend(fresh)
-                summary.added += len(keep)
+                pending.extend(kept.values())
+                summary.added += len(rows)
             if len(pending) >= checkpoint_every:
                 folder.flush()
                 store.checkpoint(acc, pending)
@@ -209,7 +204,7 @@ def memory_plan(config: dict, batch_size: int, budget: int | None = None) -> Mem
     positions, dims = config["grid"][0] * config["grid"][1], config["dims"]
     return plan_memory(positions, dims, batch_size=batch_size, crop=config["crop"],
                        budget=budget or default_budget(),
-                       fold_samples=min(FOLD_MAX_IMAGES, max(batch_size, FOLD_BYTES // (positions * dims * 4))))
+                       fold_samples=fold_samples(positions, dims, batch_size))
 
 
 def _say(line: str, progress: bool) -> None:
@@ -235,7 +230,7 @@ def _accumulate_blocked(store: ModelStore, extractor: Extractor, paths: list[Pat
     segment = -(-max(checkpoint_every, batch_size) // batch_size) * batch_size
     ranges = plan.ranges()
     chunk = positions_per_chunk(extractor.dims)
-    fold = min(FOLD_MAX_IMAGES, max(batch_size, FOLD_BYTES // (extractor.positions * extractor.dims * 4)))
+    fold = fold_samples(extractor.positions, extractor.dims, batch_size)
     title = f"fit {Path(store.path).name} ({len(ranges)} passes)"
     with bar(title, len(paths) * len(ranges), enabled=progress) as advance_bar:
         for first in range(0, len(paths), segment):
@@ -300,7 +295,12 @@ def _write_block(target, start: int, stop: int, acc: Moments) -> None:
 
 
 def _first_pass_rows(paths, indices, digests, ok, errors, seen, kept, on_error, summary) -> list[int]:
-    """Rows of the batch to fold in; records the new images in ``kept`` (as the one-pass fit decides)."""
+    """Rows of the batch to fold in; records the new images in ``kept`` (index -> digest).
+
+    Unreadable images are skipped (or fail), already-accumulated ones were not
+    decoded, and a repeat of an image seen earlier in the run is decoded but
+    not folded in (counted as a duplicate).
+    """
     rows, row = [], 0
     for i, key, good, err in zip(indices, digests, ok, errors):
         if err is not None:

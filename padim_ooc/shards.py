@@ -28,7 +28,7 @@ import numpy as np
 from .data import digest, list_images
 from .errors import PadimError
 from .extractor import Extractor
-from .fit import FitSummary, check_compatible, fit_part, memory_plan
+from .fit import FitSummary, check_compatible, check_options, fit_part, memory_plan
 from .memory import MEMORY_MARGIN
 from .merge import merge_stores
 from .progress import bar
@@ -126,12 +126,7 @@ def fit_sharded(sources: Sequence[str | os.PathLike], model: str | os.PathLike, 
     FitSummary
         Counts over all shards; ``blocks`` is the largest number of passes a shard made.
     """
-    if batch_size < 1:
-        raise PadimError(f"batch size must be at least 1, got {batch_size}")
-    if checkpoint_every < 1:
-        raise PadimError(f"checkpoint interval must be at least 1 image, got {checkpoint_every}")
-    if on_error not in ("skip", "fail"):
-        raise PadimError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    check_options(batch_size, checkpoint_every, on_error)
     if shards is not None and shards < 1:
         raise PadimError(f"shards must be at least 1, got {shards}")
     model = shared_path(model)
