@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 from .errors import PadimError  # noqa: E402
 from .extractor import Extractor  # noqa: E402
-from .api import fit, open_model  # noqa: E402
+from .api import fit, merge, open_model, score_files  # noqa: E402
 from .score import Model  # noqa: E402
 
-__all__ = ["Extractor", "Model", "PadimError", "fit", "open_model", "__version__"]
+__all__ = ["Extractor", "Model", "PadimError", "fit", "merge", "open_model", "score_files", "__version__"]

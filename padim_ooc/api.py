@@ -24,7 +24,7 @@ def open_model(path: str | os.PathLike, *, device: str = "auto", weights: str | 
 
 
 def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | os.PathLike, *,
-        extractor: Extractor | None = None, batch_size: int = 32, checkpoint_every: int = 1000,
+        extractor: Extractor | None = None, batch_size: int = 32, checkpoint_every: int | None = None,
         finalize: bool = True, eps: float = DEFAULT_EPS, loader_workers: int | None = None,
         on_error: str = "skip", progress: bool = False, device: str = "auto",
         max_memory: int | None = None, workers: int | None = None, scheduler: str | None = None,

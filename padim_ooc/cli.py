@@ -115,7 +115,7 @@ def fit(
     preset: Optional[str] = PresetOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
-    checkpoint_every: int = typer.Option(1000, "--checkpoint-every", min=1, help="Images between checkpoints."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1, help="Images between checkpoints [auto: every 1000 images, spaced so that writing them takes at most 5 % of the time]."),
     no_finalize: bool = typer.Option(False, "--no-finalize", help="Leave the model unfinalized (add more images later)."),
     eps: float = typer.Option(0.01, "--eps", help="Added to the covariance diagonal at finalize."),
     loader_workers: Optional[int] = LoaderOpt,

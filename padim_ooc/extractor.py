@@ -90,6 +90,7 @@ class Extractor:
             probe = self._module(torch.zeros(1, 3, crop, crop, device=self.device))
         self.layer_channels = [int(probe[layer].shape[1]) for layer in self.layers]
         self.grid = tuple(int(s) for s in probe[self.layers[0]].shape[-2:])
+        self._nearest = [self._nearest_index(tuple(probe[layer].shape[-2:])) for layer in self.layers]
         total = sum(self.layer_channels)
         if channels is None:
             if dims is None and backbone in backbones.DEFAULT_DIMS:
@@ -107,6 +108,18 @@ class Extractor:
             out.append(torch.tensor(idx, dtype=torch.long, device=self.device))
             offset += count
         return out
+
+    def _nearest_index(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source row and column of every grid cell under nearest upsampling from ``size``.
+
+        Taken from ``F.interpolate`` itself (applied to index ramps), so the
+        mapping is torch's own to the last rounding.
+        """
+        def ramp(n_in: int, n_out: int) -> torch.Tensor:
+            src = torch.arange(n_in, dtype=torch.float32).view(1, 1, n_in)
+            return F.interpolate(src, size=n_out, mode="nearest").view(-1).long().to(self.device)
+
+        return ramp(size[0], self.grid[0]), ramp(size[1], self.grid[1])
 
     @property
     def dims(self) -> int:
@@ -128,26 +141,49 @@ class Extractor:
 
         Returns
         -------
-        Tensor of shape (B, d, h, w), float32, on the extractor's device.
+        Tensor of shape (B, d, h, w), float32, on the extractor's device
+        (a view of :meth:`embed_patches`' result).
+        """
+        patches = self.embed_patches(batch)
+        return patches.permute(1, 2, 0).reshape(batch.shape[0], self.dims, *self.grid)
+
+    def embed_patches(self, batch: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings in the layout the statistics use.
+
+        Returns
+        -------
+        Tensor of shape (P, B, d), float32, contiguous: position-major, the
+        same values as :meth:`embed`. The selected channels of each layer are
+        written straight into place, upsampling (nearest) included, without
+        the intermediate (B, d, h, w) copies.
         """
         expected = self.preprocess.crop
         if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[-2:]) != (expected, expected):
             raise PadimError(f"expected a batch of shape (B, 3, {expected}, {expected}), got {tuple(batch.shape)}")
+        b, (h, w) = batch.shape[0], self.grid
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True)
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 maps = self._module(x)
-            parts = []
-            for layer, idx in zip(self.layers, self._per_layer):
-                if idx.numel() == 0:
+            out = torch.empty(h, w, b, self.dims, device=self.device)
+            offset = 0
+            for layer, idx, (rows, cols) in zip(self.layers, self._per_layer, self._nearest):
+                c = idx.numel()
+                if c == 0:
                     continue
-                fmap = maps[layer].index_select(1, idx).float()
-                if tuple(fmap.shape[-2:]) != self.grid:
-                    fmap = F.interpolate(fmap, size=self.grid, mode="nearest")
-                parts.append(fmap)
-            return torch.cat(parts, dim=1).contiguous()
+                part = maps[layer].permute(2, 3, 0, 1).index_select(3, idx)  # (h', w', B, c)
+                hh, ww = part.shape[:2]
+                if (hh, ww) == (h, w):
+                    out[..., offset:offset + c] = part
+                elif h % hh == 0 and w % ww == 0:  # integer factor: nearest = repeat, by broadcasting
+                    view = out.view(hh, h // hh, ww, w // ww, b, self.dims)
+                    view[..., offset:offset + c] = part[:, None, :, None]
+                else:
+                    out[..., offset:offset + c] = part[rows][:, cols]
+                offset += c
+            return out.view(h * w, b, self.dims)
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this extractor (JSON-serialisable)."""

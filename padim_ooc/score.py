@@ -36,10 +36,15 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, precision: torch.Ten
     batched matrix product over all positions.
     """
     b, d, h, w = features.shape
-    diff = features.reshape(b, d, h * w).permute(2, 0, 1).to(precision.dtype).contiguous()  # (P, B, d)
-    diff -= mean.unsqueeze(1)
-    quad = (torch.bmm(diff, precision) * diff).sum(dim=2)  # (P, B); precision is symmetric
-    return quad.clamp_min_(0).sqrt_().T.reshape(b, h, w)
+    patches = features.reshape(b, d, h * w).permute(2, 0, 1)  # (P, B, d): free for embed()'s output
+    return mahalanobis_patches(patches, mean, precision).T.reshape(b, h, w)
+
+
+def mahalanobis_patches(patches: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distances of patches in (P, B, d) layout; returns (P, B)."""
+    diff = patches.to(precision.dtype) - mean.unsqueeze(1)  # a new (P, B, d) tensor
+    quad = (torch.bmm(diff, precision) * diff).sum(dim=2)  # precision is symmetric
+    return quad.clamp_min_(0).sqrt_()
 
 
 def anomaly_maps(distances: torch.Tensor, size: int, sigma: float = DEFAULT_SIGMA) -> torch.Tensor:
@@ -129,9 +134,10 @@ class Model:
     def score_batch(self, batch: torch.Tensor, *, sigma: float = DEFAULT_SIGMA):
         """Image scores (B,) and anomaly maps (B, crop, crop) of a preprocessed batch (tensors)."""
         mean, prec = self._statistics()
-        feats = self.extractor.embed(batch)
+        patches = self.extractor.embed_patches(batch)
         with torch.inference_mode():
-            maps = anomaly_maps(mahalanobis(feats, mean, prec), self.extractor.preprocess.crop, sigma)
+            dist = mahalanobis_patches(patches, mean, prec).T.reshape(batch.shape[0], *self.extractor.grid)
+            maps = anomaly_maps(dist, self.extractor.preprocess.crop, sigma)
             return maps.amax(dim=(1, 2)), maps
 
     def score(self, images, *, batch_size: int = 32, sigma: float = DEFAULT_SIGMA):

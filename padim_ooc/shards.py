@@ -100,7 +100,7 @@ def _remove_tree(path: str) -> None:
 
 
 def fit_sharded(sources: Sequence[str | os.PathLike], model: str | os.PathLike, client, *,
-                extractor: Extractor | None = None, batch_size: int = 32, checkpoint_every: int = 1000,
+                extractor: Extractor | None = None, batch_size: int = 32, checkpoint_every: int | None = None,
                 on_error: str = "skip", progress: bool = True, device: str = "auto",
                 weights: str | None = None, max_memory: int | None = None, shards: int | None = None,
                 parts: str | None = None) -> FitSummary:
@@ -157,7 +157,7 @@ def fit_sharded(sources: Sequence[str | os.PathLike], model: str | os.PathLike, 
 
 
 def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batch_size: int,
-                checkpoint_every: int, on_error: str, progress: bool, device: str, weights: str | None,
+                checkpoint_every: int | None, on_error: str, progress: bool, device: str, weights: str | None,
                 max_memory: int | None, shards: int | None) -> FitSummary:
     model, config = store.path, store.config
     ranges = shard_ranges(len(paths), batch_size, shards or _workers(client))

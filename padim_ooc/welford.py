@@ -112,14 +112,17 @@ def update_(acc: Moments, x: torch.Tensor, *, start: int = 0, stop: int | None =
     """
     stop = acc.mean.shape[0] if stop is None else stop
     mean_a = acc.mean[start:stop]
-    x = x.to(acc.mean.dtype)
-    nb = x.shape[1]
-    mean_b = x.mean(dim=1)
-    rows = x - mean_b.unsqueeze(1)
+    p, nb, d = x.shape
+    # one float64 buffer: nb centred rows, then the Chan correction row
+    rows = torch.empty(p, nb + (acc.n > 0), d, dtype=acc.mean.dtype, device=acc.mean.device)
+    samples = rows[:, :nb]
+    samples.copy_(x)
+    mean_b = samples.mean(dim=1)
+    samples.sub_(mean_b.unsqueeze(1))
     if acc.n > 0:
         n = acc.n + nb
-        delta = mean_b - mean_a
-        rows = torch.cat([rows, delta.unsqueeze(1) * (acc.n * nb / n) ** 0.5], dim=1)
+        delta = mean_b.sub_(mean_a)  # mean_b is not needed any more
+        torch.mul(delta, (acc.n * nb / n) ** 0.5, out=rows[:, nb])
         mean_a.add_(delta, alpha=nb / n)
     else:
         mean_a.copy_(mean_b)
@@ -153,22 +156,32 @@ class Folder:
         self.acc = acc
         self.block = block
         self.max_samples = max(1, max_samples)
-        self._parts: list[torch.Tensor] = []
+        self._buffer: torch.Tensor | None = None  # (P, max_samples, d), allocated once
         self._count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        """Buffer a batch of shape (P, b, d)."""
-        self._parts.append(x)
-        self._count += x.shape[1]
-        if self._count >= self.max_samples:
+        """Buffer a batch of shape (P, b, d) (copied: the caller may reuse ``x``)."""
+        b = x.shape[1]
+        if b > self.max_samples:  # larger than the buffer: fold it directly
+            self.flush()
+            self._fold(x, b)
+            return
+        if self._count + b > self.max_samples:
+            self.flush()
+        if self._buffer is None:
+            self._buffer = torch.empty(x.shape[0], self.max_samples, x.shape[2], dtype=x.dtype, device=x.device)
+        self._buffer[:, self._count:self._count + b] = x
+        self._count += b
+        if self._count == self.max_samples:
             self.flush()
 
     def flush(self) -> None:
         """Fold every buffered sample into ``acc``."""
-        if not self._parts:
-            return
-        x = self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts, dim=1)
-        self._parts, count, self._count = [], self._count, 0
+        if self._count:
+            count, self._count = self._count, 0
+            self._fold(self._buffer[:, :count], count)
+
+    def _fold(self, x: torch.Tensor, count: int) -> None:
         for start in range(0, x.shape[0], self.block):
             update_(self.acc, x[start:start + self.block], start=start, stop=start + self.block)
         advance(self.acc, count)

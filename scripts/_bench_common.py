@@ -17,14 +17,19 @@ from PIL import Image
 
 
 def write_images(folder: Path, count: int, *, size: int = 256, seed: int = 0, start: int = 0) -> list[Path]:
-    """Synthetic JPEGs (smooth pattern + noise), written once and reused."""
+    """Synthetic JPEGs (smooth pattern + noise), written once and reused.
+
+    Image ``i`` is drawn from its own seed ``(seed, i)``, so an image is the same
+    whichever call writes it and no two images are alike (the ledger would
+    count a repeated file once).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed + start)
     yy, xx = np.mgrid[0:size, 0:size] / size
     paths = []
     for i in range(start, start + count):
         path = folder / f"img{i:07d}.jpg"
         if not path.exists():
+            rng = np.random.default_rng([seed, i])
             base = np.stack([np.sin(6 * xx + rng.uniform(0, 6)), np.cos(5 * yy + rng.uniform(0, 6)),
                              np.sin(4 * (xx + yy) + rng.uniform(0, 6))], axis=-1)
             img = 127 + 60 * base + rng.normal(0, 20, (size, size, 3))

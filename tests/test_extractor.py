@@ -122,3 +122,18 @@ def test_autocast_backbone_gives_float32_features_close_to_exact(extractor):
     assert a.dtype == torch.float32
     assert float((a - b).abs().max() / b.abs().max()) < 0.1
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("crop", [64, 100])
+def test_patch_layout_equals_interpolated_concat(crop):
+    """embed_patches writes the nearest-upsampled channels in place: the same values as
+    F.interpolate + concat + select, also when the grid is not a multiple (crop 100: 25, 13, 7)."""
+    ex = po.Extractor("resnet18", weights=None, resize=crop, crop=crop, device="cpu")
+    x = torch.randn(2, 3, crop, crop)
+    maps = ex._module(x.contiguous(memory_format=torch.channels_last))
+    full = torch.cat([torch.nn.functional.interpolate(maps[k], size=ex.grid, mode="nearest")
+                      for k in ex.layers], dim=1)[:, ex.channels]
+    patches = ex.embed_patches(x)
+    assert patches.shape == (ex.positions, 2, 100) and patches.is_contiguous()
+    assert torch.equal(patches, full.flatten(2).permute(2, 0, 1))
+    assert torch.equal(ex.embed(x), full)

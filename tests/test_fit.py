@@ -107,3 +107,22 @@ def test_reopened_extractor_gives_the_same_features(tmp_path, image_dir, extract
     assert torch.equal(reopened.extractor.embed(x), extractor.embed(x))
     assert reopened.extractor.channels == extractor.channels
     assert model.attrs["channels"] == extractor.channels
+
+
+def test_checkpoint_clock_spaces_automatic_checkpoints():
+    import time
+
+    from padim_ooc.fit import AUTO_CHECKPOINT_IMAGES, CheckpointClock
+
+    explicit = CheckpointClock(5)
+    assert not explicit(4) and explicit(5)
+    with explicit.timing():
+        time.sleep(0.05)
+    assert explicit(5)  # an explicit interval is kept whatever the write costs
+    auto = CheckpointClock(None)
+    assert not auto(AUTO_CHECKPOINT_IMAGES - 1) and auto(AUTO_CHECKPOINT_IMAGES)
+    with auto.timing():
+        time.sleep(0.05)
+    assert not auto(10 * AUTO_CHECKPOINT_IMAGES)  # too soon after a 50 ms write (needs 20 x 50 ms)
+    time.sleep(1.3)
+    assert auto(AUTO_CHECKPOINT_IMAGES)
