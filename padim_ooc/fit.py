@@ -17,7 +17,7 @@ from .data import ImageFiles, display_path, list_images, loader
 from .errors import PadimError
 from .extractor import Extractor
 from .lock import default_command, store_lock
-from .memory import MemoryPlan, default_budget, plan_memory
+from .memory import MemoryPlan, default_budget, plan_memory, return_freed_memory
 from .progress import bar
 from .store import ModelStore, positions_per_chunk, store_exists
 from .welford import Folder, Moments
@@ -89,6 +89,7 @@ def fit_store(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *,
     the positions are split into blocks, one pass over the images each.
     """
     check_options(batch_size, checkpoint_every, on_error)
+    return_freed_memory()  # flat peak memory over a long run (see memory.return_freed_memory)
     paths = list_images(sources)
     model = os.fspath(model)
     with store_lock(model, default_command()):  # one writer at a time (a clear error names the other)

@@ -168,8 +168,8 @@ class Folder:
             return
         if self._count + b > self.max_samples:
             self.flush()
-        if self._buffer is None:
-            self._buffer = torch.empty(x.shape[0], self.max_samples, x.shape[2], dtype=x.dtype, device=x.device)
+        if self._buffer is None:  # zeros, not empty: the memory is committed now, not by a later batch
+            self._buffer = torch.zeros(x.shape[0], self.max_samples, x.shape[2], dtype=x.dtype, device=x.device)
         self._buffer[:, self._count:self._count + b] = x
         self._count += b
         if self._count == self.max_samples:

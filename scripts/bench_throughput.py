@@ -104,15 +104,17 @@ def main() -> None:
             stream = 1 / (1 / f - ckpt / args.n)
             between = max(AUTO_CHECKPOINT_IMAGES, CHECKPOINT_SPACING * ckpt * stream)
             f_amortised = 1 / (1 / stream + ckpt / between)
-            if r == 0:
+            if r == 0:  # the scored model: this round's fit, finalized, kept beside the next fits
+                scored = work / "scored.zarr"
+                store_path.rename(scored)
                 t0 = time.perf_counter()
-                finalize(ModelStore.open(store_path, writable=True))
+                finalize(ModelStore.open(scored, writable=True))
                 finalize_s = time.perf_counter() - t0
-                model = Model(ModelStore.open(store_path))
-                model._extractor = ex
+            model = Model(ModelStore.open(scored))
+            model._extractor = ex
             model._statistics()  # loaded before the clock starts, as in a scoring service
             s = score_rate(model, paths, args.batch_size, args.loader_workers)
-            model._final = None  # free the precision matrices (3.8 GB for wr50-rd550) before the next fit
+            del model  # free the precision matrices (3.8 GB for wr50-rd550) before the next fit
             rounds.append({"backbone": b, "fit": f, "fit_amortised": f_amortised, "checkpoint_s": ckpt,
                            "score": s, "fit_ratio": f / b, "fit_amortised_ratio": f_amortised / b,
                            "score_ratio": s / b})
