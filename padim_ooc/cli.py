@@ -225,7 +225,7 @@ def merge(
 def score(
     model: str = typer.Argument(..., help="Model store (finalized)."),
     data: List[str] = DataArg,
-    out: Path = typer.Option(..., "--out", help="Output folder: scores.csv (and maps.zarr with --maps)."),
+    out: str = typer.Option(..., "--out", help="Output folder or fsspec URL: scores.csv (and maps.zarr with --maps)."),
     maps: bool = typer.Option(False, "--maps", help="Also write the anomaly maps to OUT/maps.zarr (N, H, W) float16."),
     sigma: float = typer.Option(4.0, "--sigma", min=0.0, help="Gaussian blur of the maps (pixels); 0 = none."),
     batch_size: int = BatchOpt,

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import fsspec
 import numpy as np
 import zarr
 
@@ -27,17 +28,18 @@ class ScoreWriter:
     """
 
     def __init__(self, out: str | os.PathLike, paths: Sequence[Path], *, crop: int, maps: bool = False):
-        self.out = Path(out)
+        self.out = os.fspath(out).rstrip("/")  # a folder, or any fsspec URL (memory://, s3://, ...)
         self.paths = list(paths)
         self.scores = np.full(len(self.paths), np.nan)
         self.done = np.zeros(len(self.paths), bool)
         self.maps = None
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise PadimError(f"cannot create the output folder {self.out}: {err.strerror}") from None
+            self.fs, self.root = fsspec.core.url_to_fs(self.out)
+            self.fs.makedirs(self.root, exist_ok=True)
+        except (OSError, ValueError, ImportError) as err:
+            raise PadimError(f"cannot create the output folder {self.out}: {getattr(err, 'strerror', None) or err}") from None
         if maps:
-            self.maps = zarr.create_array(str(self.out / "maps.zarr"), shape=(len(self.paths), crop, crop),
+            self.maps = zarr.create_array(self.out + "/maps.zarr", shape=(len(self.paths), crop, crop),
                                           chunks=(1, crop, crop), dtype="float16", overwrite=True)
 
     def name(self, i: int) -> str:
@@ -64,7 +66,7 @@ class ScoreWriter:
         return False
 
     def close(self) -> None:
-        with open(self.out / "scores.csv", "w", newline="", encoding="utf-8") as f:
+        with self.fs.open(self.root + "/scores.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["path", "score"])
             for i in np.flatnonzero(self.done):

@@ -84,3 +84,27 @@ def test_separable_blur_equals_torchvision_2d():
         k = 2 * int(4 * sigma + 0.5) + 1
         np.testing.assert_allclose(gaussian_blur(x, sigma).numpy(), TF.gaussian_blur(x, [k, k], [sigma, sigma]).numpy(),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_score_writer_to_an_fsspec_url():
+    """scores.csv and maps.zarr go to any URL fsspec and zarr accept (here memory://)."""
+    import csv
+    import io
+    from pathlib import Path
+
+    import fsspec
+    import zarr
+
+    from padim_ooc.outputs import ScoreWriter
+
+    paths = [Path("a.png"), Path("b.png"), Path("c.png")]
+    maps = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
+    with ScoreWriter("memory://padim_out/run1", paths, crop=4, maps=True) as w:
+        w.add([2], np.array([3.5]), maps[2:3])
+        w.add([0], np.array([1.5]), maps[0:1])  # b.png was skipped
+    with fsspec.open("memory://padim_out/run1/scores.csv", "r") as f:
+        rows = list(csv.reader(io.StringIO(f.read())))
+    assert rows == [["path", "score"], ["a.png", "1.5"], ["c.png", "3.5"]]
+    stored = zarr.open_array("memory://padim_out/run1/maps.zarr", mode="r")
+    assert stored.shape == (2, 4, 4) and stored.attrs["paths"] == ["a.png", "c.png"]
+    np.testing.assert_array_equal(stored[...], maps[[0, 2]].astype(np.float16))
