@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from .data import display_path
 from .errors import PadimError
 from .layouts import GOOD, Layout, find_layout, load_mask, load_view
 from .metrics import DEFAULT_MAX_EXACT_PIXELS, DEFAULT_N_BINS, PixelMetrics, image_auroc
-from .outputs import display_name
 from .progress import bar
 from .report import Example, write_report
 from .score import DEFAULT_SIGMA, Model, score_paths
@@ -100,7 +100,7 @@ class Evaluation:
             w.writerow(["path", "defect_type", "label", "score"])
             for item, s in zip(self.layout.test, self.scores):
                 if np.isfinite(s):
-                    w.writerow([display_name(item.path), item.defect_type, item.label, repr(float(s))])
+                    w.writerow([display_path(item.path), item.defect_type, item.label, repr(float(s))])
         (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n", encoding="utf-8")
         return out / "report.html"
 
@@ -164,7 +164,7 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
                           on_batch=on_batch)
     t_score = time.perf_counter() - t0
     for i, err in bad:
-        log.warning("skipped %s: %s", display_name(test[i].path), err)
+        log.warning("skipped %s: %s", display_path(test[i].path), err)
 
     t1 = time.perf_counter()
     ok = np.isfinite(scores)
@@ -179,7 +179,7 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
 
     metrics = {
         "class": layout.name,
-        "data": display_name(layout.root),
+        "data": display_path(layout.root),
         "layout": layout.kind,
         "has_masks": layout.has_masks,
         "model": _model_summary(model),
@@ -229,6 +229,6 @@ def _per_type(layout: Layout, scores: np.ndarray, labels: np.ndarray, threshold:
 
 def _model_summary(model: Model) -> dict:
     a = model.attrs
-    return {"path": display_name(Path(model.store.path)), "backbone": a["backbone"], "dims": a["dims"],
+    return {"path": display_path(Path(model.store.path)), "backbone": a["backbone"], "dims": a["dims"],
             "layers": a["layers"], "n_train_images": a["n_images"], "resize": a["resize"],
             "crop": a["crop"], "weights": a["weights"], "eps": a["eps"]}

@@ -20,7 +20,7 @@ from .lock import default_command, store_lock
 from .memory import MemoryPlan, default_budget, plan_memory, return_freed_memory
 from .progress import bar
 from .store import ModelStore, positions_per_chunk, store_exists
-from .welford import Folder, Moments
+from .welford import Folder
 
 log = logging.getLogger("padim_ooc")
 
@@ -278,7 +278,7 @@ def _accumulate_blocked(store: ModelStore, extractor: Extractor, paths: list[Pat
                 if b and not kept:
                     advance_bar(len(part) * (len(ranges) - b))
                     break
-                acc = _load_block(store, start, stop, device)
+                acc = store.load_moments(device=device, start=start, stop=stop)
                 folder = Folder(acc, block=chunk, max_samples=fold)
                 for indices, digests, batch, ok, errors in loader(dataset, batch_size, workers=loader_workers,
                                                                    pin_memory=device.type == "cuda"):
@@ -300,34 +300,15 @@ def _accumulate_blocked(store: ModelStore, extractor: Extractor, paths: list[Pat
                 if not kept:
                     continue
                 if target is None:
-                    target = store.begin_state()
-                _write_block(target, start, stop, acc)
+                    target = store.begin_state()[0]
+                store.write_block(target, start, acc)
             if kept:
                 digests = np.frombuffer(b"".join(kept.values()), dtype=np.uint8).reshape(-1, 16)
-                store.commit_state(target[0], n0 + len(kept), digests)
+                store.commit_state(target, n0 + len(kept), digests)
                 summary.added += len(kept)
                 summary.checkpoints += 1
     if store.n_images == 0:
         raise PadimError("no image could be read: the model has no statistics")
-
-
-def _load_block(store: ModelStore, start: int, stop: int, device) -> Moments:
-    """Positions ``start:stop`` of the live state (float64), or an empty state."""
-    if store.attrs["state"] is None:
-        return Moments.zeros(stop - start, store.attrs["dims"], device=device)
-    mean = torch.from_numpy(store.mean_array()[start:stop]).to(device)
-    m2 = torch.from_numpy(store.m2_array()[start:stop]).to(device)
-    return Moments(store.n_images, mean, m2)
-
-
-def _write_block(target, start: int, stop: int, acc: Moments) -> None:
-    _, mean_out, m2_out = target
-    try:
-        mean_out[start:stop] = acc.mean.detach().to("cpu", torch.float64).numpy()
-        m2_out[start:stop] = acc.m2.detach().to("cpu", torch.float64).numpy()
-    except OSError as err:
-        raise PadimError(f"cannot write the model store at {m2_out.path}: {err.strerror or err}; "
-                         "the previous checkpoint is intact") from None
 
 
 def _first_pass_rows(paths, indices, digests, ok, errors, seen, kept, on_error, summary) -> list[int]:

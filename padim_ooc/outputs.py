@@ -14,11 +14,6 @@ from .data import display_path
 from .errors import PadimError
 
 
-def display_name(path: Path) -> str:
-    """A path as printable text (undecodable bytes escaped as ``\\xff``)."""
-    return display_path(path)
-
-
 class ScoreWriter:
     """Collects (index, score, map) batches and writes them in input order.
 
@@ -43,7 +38,7 @@ class ScoreWriter:
                                           chunks=(1, crop, crop), dtype="float16", overwrite=True)
 
     def name(self, i: int) -> str:
-        return display_name(self.paths[i])
+        return display_path(self.paths[i])
 
     @property
     def count(self) -> int:

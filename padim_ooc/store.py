@@ -284,13 +284,16 @@ class ModelStore:
             raise PadimError(f"the model {self.path} is not finalized: run `padim-ooc finalize {self.path}` first")
         return self._array(self.attrs["final"], "mean"), self._array(self.attrs["final"], "precision")
 
-    def load_moments(self, *, device: str | torch.device = "cpu") -> Moments:
-        """The running statistics in memory (float64), or an empty state."""
+    def load_moments(self, *, device: str | torch.device = "cpu", start: int = 0,
+                     stop: int | None = None) -> Moments:
+        """The running statistics of positions ``start:stop`` (default all) in memory
+        (float64), or an empty state."""
         positions, dims = self.attrs["grid"][0] * self.attrs["grid"][1], self.attrs["dims"]
+        rows = slice(start, positions if stop is None else min(stop, positions))
         if self.attrs["state"] is None:
-            return Moments.zeros(positions, dims, device=device)
-        mean = torch.from_numpy(read_array(self.mean_array()))
-        m2 = torch.from_numpy(read_array(self.m2_array()))
+            return Moments.zeros(rows.stop - rows.start, dims, device=device)
+        mean = torch.from_numpy(read_array(self.mean_array(), rows))
+        m2 = torch.from_numpy(read_array(self.m2_array(), rows))
         return Moments(self.n_images, mean.to(device), m2.to(device))
 
     def ledger(self) -> set[bytes]:
@@ -422,6 +425,14 @@ class ModelStore:
         m2 = self._new_array(f"{name}/m2", None, (positions, dims, dims), "float64", cp)
         return name, mean, m2
 
+    def write_block(self, name: str, start: int, moments: Moments) -> None:
+        """Write ``moments`` as positions ``start:start + p`` of the state ``name`` (from
+        :meth:`begin_state`); a failed write is one clear error and removes that state."""
+        stop = start + moments.mean.shape[0]
+        with self._switching(name):
+            self.group[f"{name}/mean"][start:stop] = moments.mean.detach().to("cpu", torch.float64).numpy()
+            self.group[f"{name}/m2"][start:stop] = moments.m2.detach().to("cpu", torch.float64).numpy()
+
     def commit_state(self, name: str, n_images: int, new_digests: np.ndarray) -> None:
         """Switch to the state written under ``name`` (from :meth:`begin_state`).
 
@@ -529,14 +540,15 @@ class ModelStore:
                         del ledger[key]
 
 
-def read_array(arr: zarr.Array) -> np.ndarray:
-    """Read a whole array, with a clear error if a chunk is damaged."""
+def read_array(arr: zarr.Array, rows: slice = slice(None)) -> np.ndarray:
+    """Read an array (or ``rows`` of its first axis), with a clear error if a chunk is damaged."""
     try:
-        out = arr[...]
+        out = arr[rows] if arr.ndim else arr[...]
     except Exception as err:
         raise PadimError(f"the model store is damaged: cannot read {arr.path} "
                          f"({type(err).__name__}: {err})") from None
-    if arr.shape and arr.shape[0] and out.shape != arr.shape:  # pragma: no cover - defensive
+    expected = (len(range(*rows.indices(arr.shape[0]))),) + arr.shape[1:] if arr.ndim else ()
+    if arr.shape and arr.shape[0] and out.shape != expected:  # pragma: no cover - defensive
         raise PadimError(f"the model store is damaged: {arr.path} has the wrong shape")
     return out
 
