@@ -18,6 +18,7 @@ time the store is opened for writing.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -102,6 +103,21 @@ def store_exists(path: str | os.PathLike) -> bool:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
         return False
     return ATTR_KEY in group.attrs
+
+
+def _wait_for_zarr_writes(timeout: float = 30.0) -> None:
+    """Wait until the writes zarr still has in flight have ended.
+
+    Zarr writes an array's metadata and its parent groups' metadata concurrently;
+    when one write fails, the others go on after the error reached us, and could
+    recreate a folder just removed.
+    """
+    async def drain() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    zarr.core.sync.sync(drain())
 
 
 class ModelStore:
@@ -340,10 +356,15 @@ class ModelStore:
 
     def _discard(self, names: Iterable[str]) -> None:
         try:
+            _wait_for_zarr_writes()
             live = zarr.open_group(self.path, mode="r").attrs.asdict()[ATTR_KEY]
             keep = {live.get("state"), live.get("final")} | {f"ledger/{k}" for k in live.get("ledger", [])}
             for name in names:
-                if name and name not in keep and name in self.group:
+                if not name or name in keep:
+                    continue
+                if not _is_url(self.path):  # also a folder whose group zarr.json was never written
+                    shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+                elif name in self.group:
                     del self.group[name]
         except Exception:  # leftovers are removed when the store is next opened for writing
             pass

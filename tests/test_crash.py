@@ -21,6 +21,7 @@ single write of a checkpoint in turn.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import json
@@ -318,6 +319,36 @@ def test_enospc_at_every_write_of_a_checkpoint(tmp_path, monkeypatch):
             st.checkpoint(second, new)
         again = ModelStore.open(path).load_moments()
         assert again.n == 9 and torch.equal(again.m2, second.m2)
+
+
+def test_a_failed_write_leaves_no_folder_behind_even_when_other_writes_land_later(tmp_path, monkeypatch):
+    """Zarr writes an array's metadata and its parent group's metadata concurrently: when the
+    array's fails, the group's still lands after the error; the new folder must still go."""
+    path = tmp_path / "m.zarr"
+    with ModelStore.create(path, CONFIG) as st:
+        st.checkpoint(moments(5, seed=1), [bytes([i]) * 16 for i in range(5)])
+    original_set = zarr.storage.LocalStore.set
+    original_set_new = zarr.storage.LocalStore.set_if_not_exists
+
+    async def set(store, key, value):
+        if key == "state-000002/mean/zarr.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await original_set(store, key, value)
+
+    async def set_if_not_exists(store, key, value):
+        if key == "state-000002/zarr.json":
+            await asyncio.sleep(0.5)  # lands after the failure reached the caller
+        return await original_set_new(store, key, value)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(zarr.storage.LocalStore, "set", set)
+        mp.setattr(zarr.storage.LocalStore, "set_if_not_exists", set_if_not_exists)
+        with ModelStore.open(path, writable=True) as st:
+            with pytest.raises(po.PadimError, match="No space left on device"):
+                st.checkpoint(moments(9, seed=2), [bytes([100]) * 16])
+        time.sleep(0.6)
+    assert sorted(os.listdir(path)) == ["ledger", "state-000001", "zarr.json"]
+    assert ModelStore.open(path).load_moments().n == 5
 
 
 def test_interrupted_writes_leave_nothing_that_breaks_the_store(tmp_path):
