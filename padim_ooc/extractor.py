@@ -147,12 +147,16 @@ class Extractor:
         patches = self.embed_patches(batch)
         return patches.permute(1, 2, 0).reshape(batch.shape[0], self.dims, *self.grid)
 
-    def embed_patches(self, batch: torch.Tensor) -> torch.Tensor:
+    def embed_patches(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embeddings in the layout the statistics use.
+
+        ``out``: an optional float32 (P, B, d) tensor on the device to write
+        them into (e.g. a view of the fit's fold buffer; rows may be strided).
 
         Returns
         -------
-        Tensor of shape (P, B, d), float32, contiguous: position-major, the
+        Tensor of shape (P, B, d), float32 (``out`` if given, else a new
+        contiguous tensor): position-major, the
         same values as :meth:`embed`. The selected channels of each layer are
         written straight into place, upsampling (nearest) included, without
         the intermediate (B, d, h, w) copies.
@@ -167,7 +171,11 @@ class Extractor:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 maps = self._module(x)
-            out = torch.empty(h, w, b, self.dims, device=self.device)
+            if out is None:
+                out = torch.empty(h * w, b, self.dims, device=self.device)
+            elif tuple(out.shape) != (h * w, b, self.dims) or out.dtype != torch.float32:
+                raise ValueError(f"out must be float32 of shape {(h * w, b, self.dims)}, got {tuple(out.shape)}")
+            patches, out = out, out.view(h, w, b, self.dims)
             offset = 0
             for layer, idx, (rows, cols) in zip(self.layers, self._per_layer, self._nearest):
                 c = idx.numel()
@@ -183,7 +191,7 @@ class Extractor:
                 else:
                     out[..., offset:offset + c] = part[rows][:, cols]
                 offset += c
-            return out.view(h * w, b, self.dims)
+            return patches
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this extractor (JSON-serialisable)."""

@@ -17,9 +17,9 @@ from .data import ImageFiles, display_path, list_images, loader
 from .errors import PadimError
 from .extractor import Extractor
 from .lock import default_command, store_lock
-from .memory import MemoryPlan, default_budget, plan_memory, return_freed_memory
+from .memory import MemoryPlan, default_budget, plan_memory, tune_allocator
 from .progress import bar
-from .store import ModelStore, positions_per_chunk, store_exists
+from .store import ModelStore, store_exists
 from .welford import Folder
 
 log = logging.getLogger("padim_ooc")
@@ -89,7 +89,7 @@ def fit_store(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *,
     the positions are split into blocks, one pass over the images each.
     """
     check_options(batch_size, checkpoint_every, on_error)
-    return_freed_memory()  # flat peak memory over a long run (see memory.return_freed_memory)
+    tune_allocator()  # no page faults per batch, flat peak memory (see memory.tune_allocator)
     paths = list_images(sources)
     model = os.fspath(model)
     with store_lock(model, default_command()):  # one writer at a time (a clear error names the other)
@@ -171,8 +171,7 @@ def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summ
     acc = store.load_moments(device=device)
     seen = store.ledger()
     dataset = ImageFiles(paths, extractor.preprocess, skip=frozenset(seen))
-    folder = Folder(acc, block=positions_per_chunk(extractor.dims),
-                    max_samples=fold_samples(extractor.positions, extractor.dims, batch_size))
+    folder = Folder(acc, max_samples=fold_samples(extractor.positions, extractor.dims, batch_size))
     pending: list[bytes] = []
     due = CheckpointClock(checkpoint_every)
     with bar(f"fit {Path(store.path).name}", len(paths), enabled=progress) as advance_bar:
@@ -183,9 +182,10 @@ def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summ
             if rows:
                 if len(rows) < batch.shape[0]:
                     batch = batch[rows]
-                x = extractor.embed_patches(batch)  # (P, b, d)
+                # (P, b, d), written straight into the fold buffer; kept only if finite
+                x = extractor.embed_patches(batch, out=folder.reserve(len(rows)))
                 check_finite(x, [paths[i] for i in kept])
-                folder.add(x)
+                folder.commit(len(rows))
                 pending.extend(kept.values())
                 summary.added += len(rows)
             if due(len(pending)):
@@ -212,7 +212,9 @@ def check_finite(patches: torch.Tensor, paths: Sequence[Path]) -> None:
         The batch's features (``Extractor.embed_patches``), image ``i`` of
         the batch being ``paths[i]``.
     """
-    finite = torch.isfinite(patches).all(dim=2).all(dim=0)
+    if bool(torch.isfinite(patches.sum())):  # NaN and infinity propagate through a sum
+        return
+    finite = torch.isfinite(patches).all(dim=2).all(dim=0)  # which images (or only an overflowing sum)
     if bool(finite.all()):
         return
     bad = [p for p, f in zip(paths, finite.tolist()) if not f]
@@ -265,7 +267,6 @@ def _accumulate_blocked(store: ModelStore, extractor: Extractor, paths: list[Pat
     before = frozenset(seen)  # skipped without decoding; repeats within the run count as duplicates
     segment = -(-max(checkpoint_every or AUTO_CHECKPOINT_IMAGES, batch_size) // batch_size) * batch_size
     ranges = plan.ranges()
-    chunk = positions_per_chunk(extractor.dims)
     fold = fold_samples(extractor.positions, extractor.dims, batch_size)
     title = f"fit {Path(store.path).name} ({len(ranges)} passes)"
     with bar(title, len(paths) * len(ranges), enabled=progress) as advance_bar:
@@ -279,7 +280,7 @@ def _accumulate_blocked(store: ModelStore, extractor: Extractor, paths: list[Pat
                     advance_bar(len(part) * (len(ranges) - b))
                     break
                 acc = store.load_moments(device=device, start=start, stop=stop)
-                folder = Folder(acc, block=chunk, max_samples=fold)
+                folder = Folder(acc, max_samples=fold)
                 for indices, digests, batch, ok, errors in loader(dataset, batch_size, workers=loader_workers,
                                                                    pin_memory=device.type == "cuda"):
                     indices = [first + i for i in indices]

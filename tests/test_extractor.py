@@ -137,3 +137,11 @@ def test_patch_layout_equals_interpolated_concat(crop):
     assert patches.shape == (ex.positions, 2, 100) and patches.is_contiguous()
     assert torch.equal(patches, full.flatten(2).permute(2, 0, 1))
     assert torch.equal(ex.embed(x), full)
+    # written into a strided view (the fit's fold buffer): the same values, the rest untouched
+    buffer = torch.full((ex.positions, 5, 100), -7.0)
+    into = ex.embed_patches(x, out=buffer[:, 1:3])
+    assert into.data_ptr() == buffer[:, 1:3].data_ptr()
+    assert torch.equal(buffer[:, 1:3], patches)
+    assert bool((buffer[:, [0, 3, 4]] == -7).all())
+    with pytest.raises(ValueError, match="out must be float32"):
+        ex.embed_patches(x, out=buffer[:, :1])

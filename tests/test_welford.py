@@ -113,14 +113,16 @@ def test_covariance(data):
         Moments.from_batch(torch.from_numpy(data[:, :1])).covariance()
 
 
+@pytest.mark.parametrize("lower_only", [False, True])
 @pytest.mark.parametrize("max_samples", [1, 5, 8, 61, 100])
-def test_folder_buffers_and_folds_exactly(data, max_samples):
-    """Buffered folding (full buffers, a batch larger than the buffer, partial flushes) == two-pass."""
+def test_folder_buffers_and_folds_exactly(data, max_samples, lower_only):
+    """Buffered folding (full buffers, a batch larger than the buffer, partial flushes) == two-pass,
+    with full batched products and with one-triangle BLAS syrk updates mirrored at the flush."""
     from padim_ooc.welford import Folder
 
     mean_ref, m2_ref = two_pass(data)
     acc = Moments.zeros(P, D)
-    folder = Folder(acc, block=2, max_samples=max_samples)
+    folder = Folder(acc, block=2, max_samples=max_samples, lower_only=lower_only)
     start = 0
     for size in SPLITS["uneven"]:
         batch = torch.from_numpy(data[:, start:start + size].copy())
@@ -131,3 +133,43 @@ def test_folder_buffers_and_folds_exactly(data, max_samples):
     assert acc.n == 61
     assert rel(acc.mean, mean_ref) <= 1e-10
     assert rel(acc.m2, m2_ref) <= 1e-10
+
+
+def test_folder_reserve_commit_and_a_dropped_reservation(data):
+    """Samples written into reserved views are folded only once committed; an uncommitted
+    view (a batch refused after it was embedded) leaves no trace."""
+    from padim_ooc.welford import Folder
+
+    keep = np.concatenate([data[:, :20], data[:, 30:]], axis=1)
+    mean_ref, m2_ref = two_pass(keep)
+    acc = Moments.zeros(P, D)
+    folder = Folder(acc, max_samples=16)
+    for lo, hi in [(0, 7), (7, 20), (20, 30), (30, 45), (45, 61)]:
+        view = folder.reserve(hi - lo, torch.float64)
+        assert view.shape == (P, hi - lo, D)
+        view.copy_(torch.from_numpy(data[:, lo:hi]))
+        if (lo, hi) != (20, 30):
+            folder.commit(hi - lo)
+    folder.flush()
+    assert acc.n == 51
+    assert rel(acc.mean, mean_ref) <= 1e-10 and rel(acc.m2, m2_ref) <= 1e-10
+
+
+def test_folder_one_triangle_at_large_dims_is_exact_and_symmetric():
+    """From SYRK_MIN_DIMS on the CPU the folder updates one triangle with BLAS syrk (in place on
+    the store's float64 matrices) and mirrors it at the flush: exact and exactly symmetric."""
+    from padim_ooc.welford import SYRK_MIN_DIMS, Folder
+
+    rng = np.random.default_rng(3)
+    d = SYRK_MIN_DIMS + 3
+    x = rng.normal(size=(3, 40, d)) + 5e3
+    mean_ref, m2_ref = two_pass(x)
+    acc = Moments.zeros(3, d)
+    folder = Folder(acc, max_samples=16)
+    assert folder.lower_only and not Folder(Moments.zeros(3, SYRK_MIN_DIMS - 1), max_samples=16).lower_only
+    for lo in range(0, 40, 9):
+        folder.add(torch.from_numpy(x[:, lo:lo + 9].copy()))
+    folder.flush()
+    assert acc.n == 40
+    assert rel(acc.mean, mean_ref) <= 1e-10 and rel(acc.m2, m2_ref) <= 1e-10
+    assert torch.equal(acc.m2, acc.m2.transpose(1, 2))
