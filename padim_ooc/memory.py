@@ -24,19 +24,24 @@ ACTIVATION_BYTES_PER_PIXEL = 256
 
 # glibc mallopt parameters, and the size from which blocks are mapped (and unmapped when freed)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 256 << 20
 
 
-def return_freed_memory() -> bool:
-    """Make large freed blocks go back to the system at once (glibc only; else a no-op).
+def tune_allocator() -> bool:
+    """Fix glibc's allocator thresholds for a long run of equal batches (glibc only; else a no-op).
 
-    glibc raises its mmap threshold each time a large mapped block is freed
-    (up to 32 MB), after which blocks of that size come from the heap, where
-    freed space is fragmented and kept: a fit's peak RSS then crept up with
-    the number of images (1.58 GB at 250 images, 2.45 GB at 4000 with the
-    same model, scripts/bench_memory.py). A fixed 1 MB threshold keeps every
-    batch-sized buffer mapped, so its memory is returned when it is freed and
-    the peak stays flat. Returns whether the setting was applied.
+    By default glibc maps every block over its mmap threshold (dynamic, at
+    most 32 MB) afresh and unmaps it when freed: each batch's larger
+    activations (a batch of 32 at 224 px: up to 103 MB) then cost page faults
+    (the kernel zeroes every page), about a quarter of the backbone's time
+    on the CPU; and blocks under the threshold fragment the heap, so the
+    peak memory crept up with the number of images. With both thresholds
+    fixed at 256 MB, the activations are reused from the heap batch after
+    batch (no faults, and a steady footprint: the same sizes every batch),
+    the large buffers allocated once (the accumulator, the fold buffer) are
+    mapped, and freed heap beyond 256 MB goes back to the system. Measured
+    with scripts/bench_memory.py and scripts/bench_throughput.py (see
+    docs/benchmarks.md). Returns whether the setting was applied.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -44,7 +44,8 @@ def test_maps_are_upsampled_blurred_distances(fitted, image_dir, extractor):
     np.testing.assert_allclose(scores, maps.reshape(2, -1).max(axis=1))
     mean, prec = fitted._statistics()
     dist = mahalanobis(extractor.embed(x), mean, prec)
-    up = anomaly_maps(dist, 64, sigma=0).numpy()
+    up = torch.nn.functional.interpolate(dist.unsqueeze(1), size=(64, 64), mode="bilinear",
+                                         align_corners=False).squeeze(1).numpy()
     # independent blur: scipy's gaussian_filter with symmetric-reflect edges differs only at borders
     ref = np.stack([gaussian_filter(u, sigma=4, mode="mirror", truncate=4.0) for u in up])
     np.testing.assert_allclose(maps[:, 20:44, 20:44], ref[:, 20:44, 20:44], rtol=1e-4)
@@ -84,6 +85,37 @@ def test_separable_blur_equals_torchvision_2d():
         k = 2 * int(4 * sigma + 0.5) + 1
         np.testing.assert_allclose(gaussian_blur(x, sigma).numpy(), TF.gaussian_blur(x, [k, k], [sigma, sigma]).numpy(),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, size, sigma", [((3, 56, 56), 224, 4.0), ((2, 7, 13), 100, 1.5), ((2, 8, 8), 32, 0.0)])
+def test_map_operator_equals_interpolate_then_blur(shape, size, sigma):
+    """Maps as two matrix products equal torch's bilinear upsampling then torchvision's
+    2-D Gaussian blur (reflect edges), borders included."""
+    from torchvision.transforms.v2 import functional as TF
+
+    dist = torch.rand(*shape) * 10
+    ref = torch.nn.functional.interpolate(dist.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        k = 2 * int(4 * sigma + 0.5) + 1
+        ref = TF.gaussian_blur(ref, [k, k], [sigma, sigma])
+    got = anomaly_maps(dist, size, sigma)
+    assert got.shape == (shape[0], size, size)
+    np.testing.assert_allclose(got.numpy(), ref.squeeze(1).numpy(), rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_blocked_mahalanobis_equals_direct():
+    """Cache-sized position blocks (here several, with a short last one) == one direct product."""
+    g = torch.Generator().manual_seed(0)
+    p, b, d = 1100, 32, 64
+    patches, mean = torch.randn(p, b, d, generator=g), torch.randn(p, d, generator=g)
+    a = torch.randn(p, d, d, generator=g)
+    prec = a @ a.transpose(1, 2) / d
+    from padim_ooc.score import MAHALANOBIS_BLOCK_BYTES, mahalanobis_patches
+
+    assert MAHALANOBIS_BLOCK_BYTES // (b * d * 4) < p
+    diff = patches - mean.unsqueeze(1)
+    ref = torch.einsum("pbi,pij,pbj->pb", diff.double(), prec.double(), diff.double()).sqrt()
+    np.testing.assert_allclose(mahalanobis_patches(patches, mean, prec).numpy(), ref.numpy(), rtol=1e-4)
 
 
 def test_score_writer_to_an_fsspec_url():
