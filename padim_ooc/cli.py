@@ -76,7 +76,7 @@ def _need_on_error(value: str) -> str:
     return value
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass.")
-LoaderOpt = typer.Option(None, "--loader-workers", min=0, help="Image decoding processes (default: cores, up to 8).")
+LoaderOpt = typer.Option(None, "--loader-workers", min=0, help="Image decoding processes (default: on a GPU the cores, up to 8; on the CPU one per 4 cores).")
 OnErrorOpt = typer.Option("skip", "--on-error", help="skip (warn and count) or fail (stop) on an unreadable image.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 WorkersOpt = typer.Option(None, "--workers", min=1, help="Run on a local Dask cluster of N worker processes "

@@ -28,9 +28,9 @@ log = logging.getLogger("padim_ooc")
 FOLD_BYTES = 512 * 2**20
 FOLD_MAX_IMAGES = 256
 
-# automatic checkpoints: every 1000 images, at most 1/20 of the time spent writing them
+# automatic checkpoints: every 1000 images, at most 1/50 of the time spent writing them
 AUTO_CHECKPOINT_IMAGES = 1000
-CHECKPOINT_SPACING = 20.0
+CHECKPOINT_SPACING = 50.0
 
 # fields that must match for images to be added to an existing model
 CONFIG_FIELDS = ("backbone", "layers", "channels", "weights_digest", "resize", "crop",
@@ -82,7 +82,7 @@ def fit_store(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *,
     match ``extractor`` if one is given (otherwise it is rebuilt from the
     store). Checkpoints every ``checkpoint_every`` images and at the end;
     ``None`` (auto): every 1000 images, but spaced so that writing the
-    checkpoints takes at most 1/20 of the time (a WR50-Rd550 state is 7.6 GB).
+    checkpoints takes at most 1/50 of the time (a WR50-Rd550 state is 7.6 GB).
     Does not finalize (see :func:`padim_ooc.finalize.finalize`).
     ``max_memory`` (bytes; default: available memory, with a margin) is the
     budget of :func:`plan_memory`: if the float64 accumulator does not fit,
@@ -175,7 +175,7 @@ def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summ
     pending: list[bytes] = []
     due = CheckpointClock(checkpoint_every)
     with bar(f"fit {Path(store.path).name}", len(paths), enabled=progress) as advance_bar:
-        batches = loader(dataset, batch_size, workers=loader_workers, pin_memory=device.type == "cuda")
+        batches = loader(dataset, batch_size, workers=loader_workers, device=device.type)
         for indices, digests, batch, ok, errors in batches:
             kept: dict[int, bytes] = {}
             rows = _first_pass_rows(paths, indices, digests, ok, errors, seen, kept, on_error, summary)
@@ -282,7 +282,7 @@ def _accumulate_blocked(store: ModelStore, extractor: Extractor, paths: list[Pat
                 acc = store.load_moments(device=device, start=start, stop=stop)
                 folder = Folder(acc, max_samples=fold)
                 for indices, digests, batch, ok, errors in loader(dataset, batch_size, workers=loader_workers,
-                                                                   pin_memory=device.type == "cuda"):
+                                                                   device=device.type):
                     indices = [first + i for i in indices]
                     if b == 0:
                         rows = _first_pass_rows(paths, indices, digests, ok, errors, seen, kept,

@@ -230,7 +230,7 @@ def score_paths(model: Model, paths: Sequence[Path], *, batch_size: int = 32, si
     dataset = ImageFiles(paths, ex.preprocess)
     bad: list[tuple[int, str]] = []
     for indices, _digests, batch, ok, errors in loader(dataset, batch_size, workers=loader_workers,
-                                                       pin_memory=ex.device.type == "cuda"):
+                                                       device=ex.device.type):
         for i, err in zip(indices, errors):
             if err is not None:
                 if on_error == "fail":

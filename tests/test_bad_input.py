@@ -195,3 +195,13 @@ def test_on_error_fail_stops_at_the_first_bad_file(bad_folder, tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: bad image {root / first_bad}: {CASES[first_bad]}")
     assert "warning" not in proc.stderr and not model.exists()  # a failed first fit leaves no model
+
+
+@pytest.mark.parametrize("cores, cpu, cuda", [(1, 0, 1), (2, 0, 2), (4, 1, 4), (16, 4, 8), (64, 8, 8)])
+def test_default_loader_workers(monkeypatch, cores, cpu, cuda):
+    """On the CPU, decoding processes would time-share the cores the backbone runs on: one per
+    4 cores; for a GPU, the cores up to 8."""
+    from padim_ooc.data import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert default_workers("cpu") == cpu and default_workers("cuda") == cuda

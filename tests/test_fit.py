@@ -112,7 +112,7 @@ def test_reopened_extractor_gives_the_same_features(tmp_path, image_dir, extract
 def test_checkpoint_clock_spaces_automatic_checkpoints():
     import time
 
-    from padim_ooc.fit import AUTO_CHECKPOINT_IMAGES, CheckpointClock
+    from padim_ooc.fit import AUTO_CHECKPOINT_IMAGES, CHECKPOINT_SPACING, CheckpointClock
 
     explicit = CheckpointClock(5)
     assert not explicit(4) and explicit(5)
@@ -122,7 +122,7 @@ def test_checkpoint_clock_spaces_automatic_checkpoints():
     auto = CheckpointClock(None)
     assert not auto(AUTO_CHECKPOINT_IMAGES - 1) and auto(AUTO_CHECKPOINT_IMAGES)
     with auto.timing():
-        time.sleep(0.05)
-    assert not auto(10 * AUTO_CHECKPOINT_IMAGES)  # too soon after a 50 ms write (needs 20 x 50 ms)
-    time.sleep(1.3)
+        time.sleep(0.02)
+    assert not auto(10 * AUTO_CHECKPOINT_IMAGES)  # too soon after a 20 ms write (needs SPACING x 20 ms)
+    time.sleep(CHECKPOINT_SPACING * 0.02 + 0.3)
     assert auto(AUTO_CHECKPOINT_IMAGES)
