@@ -13,7 +13,7 @@ import ctypes.util
 from dataclasses import dataclass
 
 from .errors import PadimError
-from .store import positions_per_chunk
+from .welford import fold_plan
 
 # share of the available memory a fit plans to use when no budget is given
 MEMORY_MARGIN = 0.8
@@ -107,7 +107,7 @@ def plan_memory(positions: int, dims: int, *, batch_size: int, crop: int, budget
     The accumulator takes ``P (d^2 + d) 8`` bytes; one batch in flight about
     ``batch_size crop^2 ACTIVATION_BYTES_PER_PIXEL`` for the backbone, twice
     the buffered float32 features (``fold_samples P d 4``) and the float64
-    temporaries of one update. When both do not fit, the positions are split
+    work rows of one fold block (:func:`padim_ooc.welford.fold_plan`). When both do not fit, the positions are split
     into the fewest equal blocks whose accumulators fit beside the working memory.
     """
     per_position = (dims * dims + dims) * 8
@@ -115,7 +115,7 @@ def plan_memory(positions: int, dims: int, *, batch_size: int, crop: int, budget
     fold = max(batch_size, fold_samples or batch_size)
     working = (batch_size * crop * crop * ACTIVATION_BYTES_PER_PIXEL
                + 2 * fold * positions * dims * 4
-               + 3 * min(positions, positions_per_chunk(dims)) * (fold + 1) * dims * 8)
+               + fold_plan(positions, dims, fold)[0] * (fold + 1) * dims * 8)
     if accumulator + working <= budget:
         return MemoryPlan(budget, accumulator, working, positions, positions)
     room = budget - working

@@ -171,12 +171,22 @@ def advance(acc: Moments, nb: int) -> None:
     acc.n += nb
 
 
-# CPU folds work on position blocks whose float64 rows fit in the caches
+# CPU folds with batched products work on position blocks whose float64 rows fit in the caches
 FOLD_BLOCK_BYTES = 6 * 2**20
-# on a GPU, large blocks (few kernel launches) within a bounded scratch space
-FOLD_BLOCK_BYTES_GPU = 256 * 2**20
+# syrk folds and GPU folds: large blocks. Between torch's parallel operations (the centring)
+# and BLAS syrk calls, torch's idle OpenMP threads spin for milliseconds and slow syrk down
+# 2.5x if the two alternate per small block; on a GPU, few kernel launches.
+FOLD_BLOCK_BYTES_LARGE = 256 * 2**20
 # from this dimension on, BLAS syrk (one triangle) beats a full batched product on the CPU
 SYRK_MIN_DIMS = 128
+
+
+def fold_plan(positions: int, dims: int, max_samples: int, device: str = "cpu") -> tuple[int, bool]:
+    """(positions per fold block, whether one triangle is updated with syrk) for folds of up
+    to ``max_samples`` samples; the block's float64 work rows take ``block (max_samples + 1) dims 8`` bytes."""
+    lower_only = str(device).startswith("cpu") and dims >= SYRK_MIN_DIMS
+    budget = FOLD_BLOCK_BYTES if str(device).startswith("cpu") and not lower_only else FOLD_BLOCK_BYTES_LARGE
+    return max(1, min(positions, budget // ((max_samples + 1) * dims * 8))), lower_only
 
 
 class Folder:
@@ -198,12 +208,13 @@ class Folder:
     max_samples : int
         Samples buffered before they are folded in.
     block : int, optional
-        Positions per update. Default: on the CPU, as many as keep the float64
-        work rows within about FOLD_BLOCK_BYTES (cache-sized: 2x faster than
-        large blocks at d = 100); on a GPU within FOLD_BLOCK_BYTES_GPU.
+        Positions per update. Default (:func:`fold_plan`): for batched
+        products on the CPU, as many as keep the float64 work rows within
+        about FOLD_BLOCK_BYTES (cache-sized: 2x faster than large blocks at
+        d = 100); for syrk and on a GPU, within FOLD_BLOCK_BYTES_LARGE.
     lower_only : bool, optional
         Update one triangle with BLAS syrk and mirror it in :meth:`flush`.
-        Default: on the CPU from SYRK_MIN_DIMS dimensions (2x faster at d = 550).
+        Default: on the CPU from SYRK_MIN_DIMS dimensions (1.6x faster at d = 550).
     """
 
     def __init__(self, acc: Moments, *, max_samples: int, block: int | None = None,
@@ -211,14 +222,11 @@ class Folder:
         self.acc = acc
         self.max_samples = max(1, max_samples)
         positions, dims = acc.mean.shape
-        cpu = acc.m2.device.type == "cpu"
-        if block is None:
-            budget = FOLD_BLOCK_BYTES if cpu else FOLD_BLOCK_BYTES_GPU
-            block = max(1, budget // ((self.max_samples + 1) * dims * 8))
-        self.block = max(1, min(block, positions))
+        auto_block, auto_lower = fold_plan(positions, dims, self.max_samples, acc.m2.device.type)
         if lower_only is None:
-            lower_only = cpu and dims >= SYRK_MIN_DIMS and acc.m2.dtype == torch.float64
+            lower_only = auto_lower and acc.m2.dtype == torch.float64
         self.lower_only = bool(lower_only)
+        self.block = max(1, min(block or auto_block, positions))
         self._stale_upper = False
         self._buffer: torch.Tensor | None = None  # (P, max_samples, d), allocated once
         self._direct: torch.Tensor | None = None  # a batch larger than the buffer
