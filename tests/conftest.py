@@ -2,12 +2,27 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+
+# the command line, as a user runs it (a subprocess: its exit code and stderr are what a user sees)
+CLI = [sys.executable, "-m", "padim_ooc"]
+
+
+def run_cli(*args, ok=True, timeout=300):
+    """Run ``padim-ooc ARGS...`` in a subprocess; with ``ok``, assert it exited 0."""
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -13,7 +13,6 @@ import json
 import os
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from padim_ooc.cli import app
 from padim_ooc.data import ImageFiles, Preprocess, display_path, list_images, read_image
 from padim_ooc.store import ModelStore
 
-CLI = [sys.executable, "-m", "padim_ooc"]
+from conftest import CLI
+
 SMALL = ["--weights", "none", "--resize", "32", "--crop", "32", "--batch-size", "4", "--loader-workers", "0", "-q"]
 BAD_NAME = b"bad\xffname.png"  # not valid UTF-8
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,15 +10,9 @@ import zarr
 
 from padim_ooc.data import list_images
 
-CLI = [sys.executable, "-m", "padim_ooc"]
+from conftest import run_cli as run
+
 SMALL = ["--weights", "none", "--resize", "72", "--crop", "64", "--loader-workers", "0", "-q"]
-
-
-def run(*args, ok=True):
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def assert_one_line_error(proc, text):

@@ -32,7 +32,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -47,11 +46,10 @@ from padim_ooc.cli import app
 from padim_ooc.lock import LOCK_NAME
 from padim_ooc.store import ModelStore
 
-from conftest import write_images
+from conftest import CLI, write_images
 from test_store import CONFIG, moments
 
 N_IMAGES = 200
-CLI = [sys.executable, "-m", "padim_ooc"]
 FIT_ARGS = ["--weights", "none", "--resize", "32", "--crop", "32", "--batch-size", "5",
             "--checkpoint-every", "10", "--loader-workers", "0", "-q"]
 

@@ -5,7 +5,6 @@ import csv
 import json
 import re
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -20,7 +19,8 @@ from padim_ooc.errors import PadimError  # noqa: E402
 from padim_ooc.lite0 import LITE0_CHANNELS, build_lite0, lite0_weights_path  # noqa: E402
 from padim_ooc.presets import PAPER_MVTEC_MEAN, PRESETS, resolve  # noqa: E402
 
-CLI = [sys.executable, "-m", "padim_ooc"]
+from conftest import CLI
+
 
 
 def test_lite0_random_weights_shapes_and_channels():

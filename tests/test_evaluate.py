@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +19,8 @@ from test_layouts import make_mvtec_class, nearest_resize_crop
 
 from PIL import Image
 
-CLI = [sys.executable, "-m", "padim_ooc"]
+from conftest import CLI, run_cli as run
+
 SMALL = ["--weights", "none", "--resize", "72", "--crop", "64", "--loader-workers", "0", "-q"]
 
 
@@ -177,13 +176,6 @@ def test_image_only_layout(tmp_path, extractor, case):
     page = ev.write(tmp_path / "out").read_text()
     assert "Not computed: this data set has no ground-truth masks" in page
     assert Image.open(tmp_path / "out" / "top-01.png").size == (3 * 64 + 2 * 6, 64)
-
-
-def run(*args, ok=True):
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def one_line_error(proc, text):
