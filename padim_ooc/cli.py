@@ -74,9 +74,14 @@ def _need_on_error(value: str) -> str:
     if value not in ("skip", "fail"):
         raise PadimError(f"--on-error must be skip or fail, not {value!r}")
     return value
+
+
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass.")
-LoaderOpt = typer.Option(None, "--loader-workers", min=0, help="Image decoding processes (default: on a GPU the cores, up to 8; on the CPU one per 4 cores).")
+LoaderOpt = typer.Option(None, "--loader-workers", min=0,
+                         help="Image decoding processes (default: on a GPU the cores, up to 8; on the CPU one per 4 cores).")
+SigmaOpt = typer.Option(4.0, "--sigma", min=0.0, help="Gaussian blur of the maps (pixels); 0 = none.")
+ModelWeightsOpt = typer.Option(None, "--weights", help="Local weights file, if the model was fitted with one.")
 OnErrorOpt = typer.Option("skip", "--on-error", help="skip (warn and count) or fail (stop) on an unreadable image.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 WorkersOpt = typer.Option(None, "--workers", min=1, help="Run on a local Dask cluster of N worker processes "
@@ -227,10 +232,10 @@ def score(
     data: List[str] = DataArg,
     out: str = typer.Option(..., "--out", help="Output folder or fsspec URL: scores.csv (and maps.zarr with --maps)."),
     maps: bool = typer.Option(False, "--maps", help="Also write the anomaly maps to OUT/maps.zarr (N, H, W) float16."),
-    sigma: float = typer.Option(4.0, "--sigma", min=0.0, help="Gaussian blur of the maps (pixels); 0 = none."),
+    sigma: float = SigmaOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
-    weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file, if the model was fitted with one."),
+    weights: Optional[str] = ModelWeightsOpt,
     loader_workers: Optional[int] = LoaderOpt,
     on_error: str = OnErrorOpt,
     quiet: bool = QuietOpt,
@@ -276,11 +281,11 @@ def evaluate(
     data: Path = typer.Argument(..., help="Class folder: MVTec AD layout (train/good, test/<type>, "
                                 "ground_truth/<type>) or good/ + defect/."),
     out: Path = typer.Option(..., "--out", help="Output folder: metrics.json, scores.csv, report.html."),
-    sigma: float = typer.Option(4.0, "--sigma", min=0.0, help="Gaussian blur of the maps (pixels); 0 = none."),
+    sigma: float = SigmaOpt,
     examples: int = typer.Option(4, "--examples", min=0, help="Images shown per report section."),
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
-    weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file, if the model was fitted with one."),
+    weights: Optional[str] = ModelWeightsOpt,
     loader_workers: Optional[int] = LoaderOpt,
     quiet: bool = QuietOpt,
 ):
