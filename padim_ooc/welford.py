@@ -121,11 +121,11 @@ def update_(acc: Moments, x: torch.Tensor, *, start: int = 0, stop: int | None =
     stop = acc.mean.shape[0] if stop is None else stop
     mean_a = acc.mean[start:stop]
     p, nb, d = x.shape
-    size = p * (nb + (acc.n > 0)) * d
-    if work is None:
-        work = torch.empty(size, dtype=acc.mean.dtype, device=acc.mean.device)
     # one float64 buffer: nb centred rows, then the Chan correction row
-    rows = work.view(-1)[:size].view(p, nb + (acc.n > 0), d)
+    shape = (p, nb + (acc.n > 0), d)
+    if work is None:
+        work = torch.empty(shape, dtype=acc.mean.dtype, device=acc.mean.device)
+    rows = work.view(-1)[:shape[0] * shape[1] * shape[2]].view(shape)
     samples = rows[:, :nb]
     samples.copy_(x)
     mean_b = samples.mean(dim=1)
@@ -184,8 +184,9 @@ SYRK_MIN_DIMS = 128
 def fold_plan(positions: int, dims: int, max_samples: int, device: str = "cpu") -> tuple[int, bool]:
     """(positions per fold block, whether one triangle is updated with syrk) for folds of up
     to ``max_samples`` samples; the block's float64 work rows take ``block (max_samples + 1) dims 8`` bytes."""
-    lower_only = str(device).startswith("cpu") and dims >= SYRK_MIN_DIMS
-    budget = FOLD_BLOCK_BYTES if str(device).startswith("cpu") and not lower_only else FOLD_BLOCK_BYTES_LARGE
+    cpu = str(device).startswith("cpu")
+    lower_only = cpu and dims >= SYRK_MIN_DIMS
+    budget = FOLD_BLOCK_BYTES if cpu and not lower_only else FOLD_BLOCK_BYTES_LARGE
     return max(1, min(positions, budget // ((max_samples + 1) * dims * 8))), lower_only
 
 
@@ -240,8 +241,8 @@ class Folder:
             self._direct = torch.empty(positions, b, dims, dtype=dtype, device=self.acc.mean.device)
             return self._direct
         self._direct = None
-        if self._count + b > self.max_samples:
-            self._fold_buffer()
+        if self._count + b > self.max_samples or (self._buffer is not None and self._buffer.dtype != dtype):
+            self._fold_buffer()  # before the buffer is refilled (or replaced: another dtype)
         if self._buffer is None or self._buffer.dtype != dtype:
             # zeros, not empty: the memory is committed now, not by a later batch
             self._buffer = torch.zeros(positions, self.max_samples, dims, dtype=dtype, device=self.acc.mean.device)

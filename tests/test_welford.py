@@ -173,3 +173,18 @@ def test_folder_one_triangle_at_large_dims_is_exact_and_symmetric():
     assert acc.n == 40
     assert rel(acc.mean, mean_ref) <= 1e-10 and rel(acc.m2, m2_ref) <= 1e-10
     assert torch.equal(acc.m2, acc.m2.transpose(1, 2))
+
+
+def test_folder_keeps_buffered_samples_when_the_dtype_changes():
+    """A batch of another dtype replaces the buffer only after the buffered samples were folded."""
+    from padim_ooc.welford import Folder
+
+    x = np.random.default_rng(7).normal(size=(P, 61, D)).astype(np.float32).astype(np.float64)  # exact in both
+    mean_ref, m2_ref = two_pass(x)
+    acc = Moments.zeros(P, D)
+    folder = Folder(acc, max_samples=64)
+    folder.add(torch.from_numpy(x[:, :30].copy()))
+    folder.add(torch.from_numpy(x[:, 30:].copy()).float())
+    folder.flush()
+    assert acc.n == 61
+    assert rel(acc.mean, mean_ref) <= 1e-10 and rel(acc.m2, m2_ref) <= 1e-10
