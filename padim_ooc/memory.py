@@ -108,8 +108,9 @@ def plan_memory(positions: int, dims: int, *, batch_size: int, crop: int, budget
     The accumulator takes ``P (d^2 + d) 8`` bytes; one batch in flight about
     ``batch_size crop^2 ACTIVATION_BYTES_PER_PIXEL`` for the backbone, twice
     the buffered float32 features (``fold_samples P d 4``) and the float64
-    work rows of one fold block (:func:`padim_ooc.welford.fold_plan`). When both do not fit, the positions are split
-    into the fewest equal blocks whose accumulators fit beside the working memory.
+    work rows of one fold block (:func:`padim_ooc.welford.fold_plan`). When
+    both do not fit, the positions are split into the fewest equal blocks
+    whose accumulators fit beside the working memory.
     """
     per_position = (dims * dims + dims) * 8
     accumulator = positions * per_position

@@ -78,7 +78,7 @@ def anomaly_maps(distances: torch.Tensor, size: int, sigma: float = DEFAULT_SIGM
     """
     _, h, w = distances.shape
     rows = map_operator(h, size, sigma, distances.dtype, str(distances.device))
-    cols = rows if w == h else map_operator(w, size, sigma, distances.dtype, str(distances.device))
+    cols = map_operator(w, size, sigma, distances.dtype, str(distances.device))  # cached: rows when w == h
     return torch.matmul(torch.matmul(rows, distances), cols.T)
 
 
