@@ -8,15 +8,24 @@ refused writer can say who it waits for. The file is removed when the writer
 is done (including on errors and Ctrl-C); a process killed with SIGKILL (or a
 machine that loses power) leaves it behind.
 
-A lock left behind is *stale* when its holder ran on this host and that
-process no longer exists (no process with that pid, or one with that pid but
-another start time: the pid was reused). A stale lock is removed with a
-warning and the new writer goes on. Breaking a stale lock happens under an
-``flock`` on the store folder and re-reads the lock file first, so two
-processes that find the same stale lock cannot both break it and both write.
-A lock held from another host is never broken automatically (its process
-cannot be checked from here): the message says which file to delete once that
-process is known to be gone.
+A lock left behind is *stale* when its holder ran here (same host name, same
+boot, same PID namespace) and that process no longer exists (no process with
+that pid, or one with that pid but another start time: the pid was reused). A
+stale lock is removed with a warning and the new writer goes on. Breaking a
+stale lock happens under an ``flock`` on the store folder and re-reads the
+lock file first, so two processes that find the same stale lock cannot both
+break it and both write.
+
+A holder is taken for alive whenever its death cannot be proven: a pid that
+``psutil`` may not inspect (``AccessDenied``), or that it cannot see but
+``os.kill(pid, 0)`` finds (``/proc`` mounted with ``hidepid``: other users'
+processes are hidden). A lock whose holder cannot be checked from here is
+never broken automatically: one from another host, from another boot (a
+machine of the same name, or one rebooted since), or from another PID
+namespace (another container sharing the host name, e.g. with host
+networking): the message names the holder and says which file to delete once
+that process is known to be gone. Lock files written before the boot id and
+namespace were recorded are checked by host, pid and start time as before.
 
 Within one process the lock is re-entrant (counted): ``fit`` holds it and
 opens the store for writing, which holds it again.
@@ -66,9 +75,64 @@ def lock_path(store: str | os.PathLike) -> str:
 
 
 def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if that cannot be read."""
     try:
         return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
+    except (psutil.Error, ValueError):
+        return None
+
+
+def _holder_alive(pid: int) -> tuple[bool, float | None]:
+    """Whether process ``pid`` of this host exists, and its start time where readable.
+
+    Dead only when that is certain: a zombie (ended, not yet reaped), or a
+    pid that neither ``psutil`` nor ``os.kill(pid, 0)`` finds. ``AccessDenied``
+    and a pid hidden from ``psutil`` that ``os.kill`` still finds
+    (``PermissionError``: another user's process under ``hidepid``) are alive,
+    with an unknown start time.
+    """
+    if pid <= 0:  # not a process (and os.kill(0, ...) would mean our process group)
+        return False, None
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # it has ended: it writes nothing more
+            return False, None
+        return True, proc.create_time()
+    except psutil.ZombieProcess:
+        return False, None
+    except psutil.AccessDenied:
+        return True, None
+    except psutil.NoSuchProcess:
+        pass
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process; a pid out of range
+        return False, None
+    except PermissionError:
+        return True, None
+    except OSError:  # pragma: no cover - cannot tell: alive, to be safe
+        return True, None
+    return True, None
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _boot_id() -> str | None:
+    """This machine's boot id (Linux; changes at every boot), or None where there is none."""
+    return _read_text("/proc/sys/kernel/random/boot_id")
+
+
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (Linux: ``pid:[4026531836]``), or None where there is none."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
         return None
 
 
@@ -86,7 +150,8 @@ def default_command() -> str:
 def _holder_info(command: str) -> dict:
     pid = os.getpid()
     argv = " ".join([os.path.basename(sys.argv[0] or "python")] + sys.argv[1:])
-    return {"pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
+    return {"pid": pid, "host": socket.gethostname(), "boot_id": _boot_id(), "pid_ns": _pid_namespace(),
+            "process_start": _process_start(pid),
             "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "argv": argv[:200]}
 
@@ -110,23 +175,44 @@ def describe(info: dict | None) -> str:
             f"since {info.get('since', '?')})")
 
 
+def elsewhere(info: dict) -> str | None:
+    """Why the holder of ``info`` cannot be checked from here, or None if it can.
+
+    It can be checked when it ran on this host name, in this boot and in this
+    PID namespace. A field missing from the lock file (written by an older
+    version) is not compared; a field this process cannot read (not Linux)
+    while the lock has it counts as a mismatch.
+    """
+    if info.get("host") != socket.gethostname():
+        return "runs on another host"
+    if "boot_id" in info and info["boot_id"] != _boot_id():
+        return (f"runs on another boot of host {info.get('host')} (another machine of that name, "
+                "or before a reboot)")
+    if "pid_ns" in info and info["pid_ns"] != _pid_namespace():
+        return "runs in another PID namespace (another container on this host)"
+    return None
+
+
 def is_stale(info: dict | None, age: float) -> bool:
     """Whether a lock whose file says ``info`` (and is ``age`` seconds old) has a dead holder.
 
-    Only holders on this host can be checked: their pid must name a live
-    process that started when the lock says it did. An unreadable lock is
-    stale once it is older than a few seconds (its writer died between
-    creating and filling it).
+    Only holders that ran here can be checked (see :func:`elsewhere`): stale
+    when their pid names no process, or one that started at another time than
+    the lock says (the pid was reused). A holder whose start time cannot be
+    read (``AccessDenied``, ``hidepid``) is alive. An unreadable lock is stale
+    once it is older than a few seconds (its writer died between creating and
+    filling it).
     """
     if info is None:
         return age > _YOUNG_SECONDS
-    if info.get("host") != socket.gethostname():
+    if elsewhere(info) is not None:
         return False
-    started = _process_start(info["pid"])
-    if started is None:
+    alive, started = _holder_alive(info["pid"])
+    if not alive:
         return True
     recorded = info.get("process_start")
-    return isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0
+    return (started is not None and isinstance(recorded, (int, float))
+            and abs(started - recorded) > 1.0)
 
 
 def _try_create(path: str, info: dict) -> bool:
@@ -216,8 +302,10 @@ def acquire(store: str | os.PathLike, command: str = "write", *, wait: float = 1
                                 store, describe(other))
                 continue
             if time.monotonic() >= deadline:
-                raise PadimError(f"the model {store} is being written by {describe(other)}; wait for it "
-                                 f"to finish (if that process is gone, delete {path})")
+                where = other and elsewhere(other)
+                unchecked = f", which {where} and cannot be checked from here" if where else ""
+                raise PadimError(f"the model {store} is being written by {describe(other)}{unchecked}; "
+                                 f"wait for it to finish (if that process is gone, delete {path})")
             time.sleep(0.1)
 
 
@@ -276,4 +364,4 @@ def _release_all() -> None:  # a normal exit never leaves a lock behind
         release(os.path.dirname(path))
 
 
-__all__ = ["LOCK_NAME", "default_command", "acquire", "release", "held", "store_lock", "describe", "is_stale", "lock_path"]
+__all__ = ["LOCK_NAME", "default_command", "acquire", "release", "held", "store_lock", "describe", "elsewhere", "is_stale", "lock_path"]

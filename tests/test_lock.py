@@ -9,6 +9,8 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import psutil
@@ -124,9 +126,154 @@ def test_reused_pid_is_stale_other_host_is_not(tmp_path):
     path.write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "process_start": 1.0,
                                 "since": "2026-01-01T00:00:00+00:00", "command": "padim-ooc merge"}))
     with pytest.raises(po.PadimError, match=r"`padim-ooc merge` \(pid 1 on host elsewhere.example, since "
-                                            r"2026-01-01T00:00:00\+00:00\); wait .*delete .*\.padim_ooc\.lock"):
+                                            r"2026-01-01T00:00:00\+00:00\), which runs on another host and cannot "
+                                            r"be checked from here; wait .*delete .*\.padim_ooc\.lock\)$"):
         lock.acquire(store)
     assert path.exists()
+
+
+def dead_pid() -> int:
+    """The pid of a process of this host that has ended and been reaped."""
+    proc = FORK.Process(target=os._exit, args=(0,))
+    proc.start()
+    proc.join(30)
+    assert not psutil.pid_exists(proc.pid)
+    return proc.pid
+
+
+def this_boot_and_namespace() -> dict:
+    """This process's boot id and PID namespace, read here from /proc."""
+    return {"boot_id": open("/proc/sys/kernel/random/boot_id").read().strip(),
+            "pid_ns": os.readlink("/proc/self/ns/pid")}
+
+
+def test_lock_records_boot_and_namespace_and_a_dead_holder_of_this_boot_is_stale(tmp_path):
+    store = tmp_path / "m.zarr"
+    with lock.store_lock(store):
+        info = json.loads((store / lock.LOCK_NAME).read_text())
+        assert {k: info[k] for k in ("boot_id", "pid_ns")} == this_boot_and_namespace()
+    # a dead holder of this host, boot and namespace: stale; a lock file of an older version
+    # (without boot id and namespace) whose holder is dead: stale as before
+    for extra in (this_boot_and_namespace(), {}):
+        store.mkdir(exist_ok=True)
+        pid = dead_pid()
+        (store / lock.LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(),
+                                                        "process_start": 1.0, "command": "padim-ooc fit",
+                                                        **extra}))
+        assert lock.is_stale(json.loads((store / lock.LOCK_NAME).read_text()), age=60.0)
+        with lock.store_lock(store):
+            assert json.loads((store / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("boot_id", "00000000-0000-0000-0000-000000000000", "runs on another boot of host"),
+    ("pid_ns", "pid:[1]", "runs in another PID namespace"),
+])
+def test_holder_of_another_boot_or_pid_namespace_is_refused_never_broken(tmp_path, field, value, why):
+    """Same host name, but another boot (another machine of that name) or another PID namespace
+    (a container sharing the host name): its pid means nothing here, even a dead one."""
+    store = tmp_path / "m.zarr"
+    store.mkdir()
+    path = store / lock.LOCK_NAME
+    pid = dead_pid()
+    info = {"pid": pid, "host": socket.gethostname(), "process_start": 1.0,
+            "since": "2026-01-01T00:00:00+00:00", "command": "padim-ooc fit",
+            **this_boot_and_namespace(), field: value}
+    path.write_text(json.dumps(info))
+    before = path.read_bytes()
+    with pytest.raises(po.PadimError) as err:
+        lock.acquire(store, wait=0.2)
+    text = str(err.value)
+    assert f"`padim-ooc fit` (pid {pid} on host {socket.gethostname()}, since 2026-01-01T00:00:00+00:00), " in text
+    assert why in text and "cannot be checked from here" in text
+    assert text.endswith(f"if that process is gone, delete {path})") and "\n" not in text
+    assert path.read_bytes() == before and not lock.held(store)
+
+
+def _load_lock_module():
+    """Source for a child python that loads padim_ooc/lock.py without the package (no torch)."""
+    return ("import sys, types; pkg = types.ModuleType('padim_ooc'); "
+            f"pkg.__path__ = [{os.path.dirname(lock.__file__)!r}]; sys.modules['padim_ooc'] = pkg; "
+            "from padim_ooc import lock; ")
+
+
+def test_live_holder_in_another_pid_namespace_is_refused(tmp_path):
+    """A real writer in another PID namespace with its own /proc (a container sharing the host
+    name): its pid (1 there) names another, live, process here. Host, pid and start time alone
+    called the lock stale and broke it."""
+    store = tmp_path / "m.zarr"
+    code = _load_lock_module() + (f"lock.acquire({str(store)!r}, 'padim-ooc fit'); print('held', flush=True); "
+                                  "sys.stdin.read(); lock.release(" + repr(str(store)) + ")")
+    try:
+        proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        pytest.skip("no unshare command here")
+    try:
+        line = proc.stdout.readline()
+        if line != "held\n":
+            proc.kill()
+            pytest.skip(f"cannot make a PID namespace here: {proc.communicate()[1].strip()[:200]}")
+        info = json.loads((store / lock.LOCK_NAME).read_text())
+        assert info["pid"] == 1 and psutil.Process(1).create_time() != info["process_start"]
+        with pytest.raises(po.PadimError, match="pid 1 on host .*runs in another PID namespace"):
+            lock.acquire(store, wait=0.2)
+        assert json.loads((store / lock.LOCK_NAME).read_text()) == info  # not broken
+        assert info["pid_ns"] != os.readlink("/proc/self/ns/pid")
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+    assert proc.returncode == 0 and not (store / lock.LOCK_NAME).exists()
+
+
+def test_a_holder_this_user_may_not_inspect_is_alive(holder, monkeypatch):
+    """``/proc`` mounted with ``hidepid=1`` makes psutil raise ``AccessDenied`` for other users'
+    processes, ``hidepid=2`` hides them (``NoSuchProcess``; ``os.kill(pid, 0)`` then raises
+    ``PermissionError``). Neither can be set up here (no remount, and the tests run as one
+    user), so psutil and ``os.kill`` are patched to answer that way for the holder, a real live
+    process. Both used to count as "no such process": a live writer's lock was broken."""
+    store, proc = holder
+    path = store / lock.LOCK_NAME
+    before = path.read_bytes()
+    real_process, real_kill = psutil.Process, os.kill
+
+    def denied(pid=None):
+        if pid == proc.pid:
+            raise psutil.AccessDenied(pid)
+        return real_process(pid)
+
+    def hidden(pid=None):
+        if pid == proc.pid:
+            raise psutil.NoSuchProcess(pid)
+        return real_process(pid)
+
+    def other_user(pid, sig):
+        if pid == proc.pid:
+            raise PermissionError(1, "Operation not permitted")
+        return real_kill(pid, sig)
+
+    for fake_process, fake_kill in ((denied, real_kill), (hidden, real_kill), (hidden, other_user)):
+        with monkeypatch.context() as mp:
+            mp.setattr(psutil, "Process", fake_process)
+            mp.setattr(os, "kill", fake_kill)
+            assert not lock.is_stale(json.loads(before), age=60.0)
+            with pytest.raises(po.PadimError, match=f"being written by `padim-ooc fit` \\(pid {proc.pid} "):
+                lock.acquire(store, wait=0.2)
+        assert path.read_bytes() == before  # never broken
+
+
+def test_a_zombie_holder_is_stale(tmp_path):
+    """A writer that has ended but is not yet reaped by its parent (a zombie) writes nothing more."""
+    store = tmp_path / "m.zarr"
+    proc = FORK.Process(target=_die_holding, args=(str(store),))
+    proc.start()
+    deadline = time.monotonic() + 30
+    while psutil.Process(proc.pid).status() != psutil.STATUS_ZOMBIE:  # not joined: stays a zombie
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with lock.store_lock(store):
+        assert json.loads((store / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    proc.join(30)
 
 
 def test_empty_lock_file_young_is_respected_old_is_stale(tmp_path):
