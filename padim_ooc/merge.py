@@ -25,7 +25,7 @@ import torch
 import zarr
 
 from .errors import PadimError
-from .store import ModelStore, store_exists
+from .store import ModelStore, read_array, shared_path, store_exists
 from .welford import Moments, merge_
 
 # configuration fields that must agree for two stores to be merged (the features must be the same)
@@ -107,15 +107,48 @@ def tree_merge(loaders) -> Moments:
 
 def merge_chunk(sources: Sequence[Source], start: int, stop: int,
                 mean_out: zarr.Array, m2_out: zarr.Array) -> int:
-    """Merge positions ``start:stop`` of every source and write them; returns the count."""
+    """Merge positions ``start:stop`` of every source and write them; returns the count.
+
+    Reads go through :func:`read_array`: a chunk of a part deleted meanwhile is
+    an error, never zeros (also on a worker).
+    """
+    rows = slice(start, stop)
+
     def loader(src: Source):
-        return lambda: Moments(src.n, torch.from_numpy(np.asarray(src.mean[start:stop], np.float64)),
-                               torch.from_numpy(np.asarray(src.m2[start:stop], np.float64)))
+        return lambda: Moments(src.n, torch.from_numpy(np.asarray(read_array(src.mean, rows), np.float64)),
+                               torch.from_numpy(np.asarray(read_array(src.m2, rows), np.float64)))
 
     merged = tree_merge(loader(s) for s in sources)
     mean_out[start:stop] = merged.mean.numpy()
     m2_out[start:stop] = merged.m2.numpy()
     return merged.n
+
+
+def _open_inputs(paths: list[str], model: str, given: ModelStore | None):
+    """(the parts, the output if it exists, the parts' digests), checked: same configuration,
+    disjoint ledgers, something to merge. The parts are opened read-only."""
+    inputs = [ModelStore.open(p) for p in paths]
+    out = given
+    if out is None and store_exists(model):
+        out = ModelStore.open(model, writable=True)
+    try:
+        stores = ([out] if out is not None else []) + inputs
+        check_same_config(stores)
+        digests = check_disjoint(stores)
+        if not sum(s.n_images for s in inputs):
+            raise PadimError("nothing to merge: the parts hold no statistics")
+    except BaseException:
+        if out is not None and given is None:
+            out.close()
+        raise
+    return inputs, out, digests
+
+
+def _run(tasks, client, scheduler):
+    if client is not None:
+        return dask.compute(*tasks, scheduler=client)
+    with dask.config.set(scheduler=scheduler) if scheduler else nullcontext():
+        return dask.compute(*tasks)
 
 
 def merge_stores(parts: Sequence[str | os.PathLike], model: str | os.PathLike | ModelStore, *,
@@ -125,7 +158,8 @@ def merge_stores(parts: Sequence[str | os.PathLike], model: str | os.PathLike | 
     If ``model`` exists, its own statistics are one of the inputs (the parts are
     added to it); otherwise it is created with the parts' configuration. The
     merged state replaces the model's in one atomic switch; the model is left
-    unfinalized.
+    unfinalized. The inputs are checked before anything is written; a merge
+    that fails leaves the output's previous state live (a new output is removed).
 
     Parameters
     ----------
@@ -142,9 +176,9 @@ def merge_stores(parts: Sequence[str | os.PathLike], model: str | os.PathLike | 
     -------
     dict with ``model``, ``parts``, ``added`` (images from the parts) and ``n_images``.
     """
-    paths = [os.fspath(p) for p in parts]
+    paths = [shared_path(p) for p in parts]
     given = model if isinstance(model, ModelStore) else None
-    model = given.path if given is not None else os.fspath(model)
+    model = given.path if given is not None else shared_path(model)
     if not paths:
         raise PadimError("no parts to merge")
     if len(set(paths)) != len(paths):
@@ -157,37 +191,37 @@ def merge_stores(parts: Sequence[str | os.PathLike], model: str | os.PathLike | 
         if local:
             raise PadimError(f"{local[0]} lives in this process's memory; Dask workers cannot reach it "
                              "(merge without workers, or use a path or URL the workers share)")
-    inputs = [ModelStore.open(p) for p in paths]
-    if given is not None:
-        out = given
-    else:
-        out = ModelStore.open(model, writable=True) if store_exists(model) else None
+    inputs, out, digests = _open_inputs(paths, model, given)
     stores = ([out] if out is not None else []) + inputs
-    check_same_config(stores)
-    digests = check_disjoint(stores)
-    if out is None:
-        out = ModelStore.create(model, inputs[0].config)
-    live = [s for s in stores if s.n_images > 0]
-    added = sum(s.n_images for s in inputs)
-    if not added:
-        raise PadimError("nothing to merge: the parts hold no statistics")
-    sources = [Source(s.path, s.n_images, s.mean_array(), s.m2_array()) for s in live]
-    name, mean_out, m2_out = out.begin_state()
-    positions, chunk = mean_out.shape[0], out.attrs["chunk_positions"]
-    tasks = [dask.delayed(merge_chunk, pure=False)(sources, start, min(start + chunk, positions),
-                                                   mean_out, m2_out)
-             for start in range(0, positions, chunk)]
-    if client is not None:
-        counts = dask.compute(*tasks, scheduler=client)
-    else:
-        with dask.config.set(scheduler=scheduler) if scheduler else nullcontext():
-            counts = dask.compute(*tasks)
-    total = sum(s.n_images for s in live)
-    if any(c != total for c in counts):  # pragma: no cover - defensive
-        raise PadimError("internal error: the merged chunks disagree on the image count")
-    new = [d for s, d in zip(stores, digests) if s is not out]
-    out.commit_state(name, total, np.concatenate(new) if new else np.zeros((0, 16), np.uint8))
-    return {"model": model, "parts": len(paths), "added": added, "n_images": out.n_images}
+    created = out is None
+    try:
+        if created:
+            out = ModelStore.create(model, inputs[0].config)
+        live = [s for s in stores if s.n_images > 0]
+        sources = [Source(s.path, s.n_images, s.mean_array(), s.m2_array()) for s in live]
+        name, mean_out, m2_out = out.begin_state()
+        positions, chunk = mean_out.shape[0], out.attrs["chunk_positions"]
+        tasks = [dask.delayed(merge_chunk, pure=False)(sources, start, min(start + chunk, positions),
+                                                       mean_out, m2_out)
+                 for start in range(0, positions, chunk)]
+        with out._switching(name):  # a failed chunk write: one line naming the store, the new state removed
+            counts = _run(tasks, client, scheduler)
+        total = sum(s.n_images for s in live)
+        if any(c != total for c in counts):  # pragma: no cover - defensive
+            raise PadimError("internal error: the merged chunks disagree on the image count")
+        new = [d for s, d in zip(stores, digests) if s is not out]
+        out.commit_state(name, total, np.concatenate(new) if new else np.zeros((0, 16), np.uint8))
+        return {"model": model, "parts": len(paths), "added": sum(s.n_images for s in inputs),
+                "n_images": out.n_images}
+    except BaseException:
+        if created and out is not None:  # a new output that got nothing: leave no store behind
+            out.remove_if_empty()
+        raise
+    finally:
+        if out is not None and out is not given:
+            out.close()  # the writer's lock goes now, not when the traceback is freed
+        for s in inputs:
+            s.close()
 
 
 __all__ = ["merge_stores", "tree_merge", "merge_chunk", "check_same_config", "check_disjoint", "MATCH_FIELDS"]

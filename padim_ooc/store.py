@@ -18,11 +18,9 @@ time the store is opened for writing.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
-import time
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -34,45 +32,16 @@ import zarr
 
 from . import __version__
 from . import lock
+from .chunks import (ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, check_chunks, fsync, is_url as _is_url, live_names,
+                     open_checked, pause_point, read_array, shared_path, sync_tree, wait_for_zarr_writes,
+                     write_array)
 from .errors import PadimError
 from .welford import Moments
 
 SCHEMA_VERSION = 1
-ATTR_KEY = "padim_ooc"
 CHUNK_TARGET_BYTES = 32 * 2**20
-# array attribute: every chunk of this array is stored (write_empty_chunks), so a missing one is damage
-COMPLETE_KEY = "padim_ooc_all_chunks"
-# test hook: "point:n[,point:n]" pauses the n-th time a write reaches ``point`` (see pause_point)
-PAUSE_ENV = "PADIM_OOC_PAUSE_AT"
-_pause_counts: dict[str, int] = {}
 # the writer's lock file sits in the store folder; zarr warns about any file that is no Zarr node
 warnings.filterwarnings("ignore", message=r"Object at \.padim_ooc\.lock is not recognized")
-
-
-def pause_point(name: str) -> None:
-    """A named moment inside a store write, where tests can stop the process.
-
-    With ``PADIM_OOC_PAUSE_AT=checkpoint-written:3`` the third time a write
-    reaches ``checkpoint-written`` the process writes ``name`` to the file
-    named by ``PADIM_OOC_PAUSE_FILE`` (if set) and sleeps (``PADIM_OOC_PAUSE_SECONDS``,
-    default 600), so that a test can kill it there. Points: ``chunk`` (after
-    each chunk written), ``checkpoint-written`` (new state and ledger segment
-    on disk, not switched to), ``checkpoint-switched`` (switched, old state
-    not yet removed), ``final-written`` (precision written, not switched to).
-    Without the variable this does nothing.
-    """
-    spec = os.environ.get(PAUSE_ENV)
-    if not spec:
-        return
-    _pause_counts[name] = _pause_counts.get(name, 0) + 1
-    for item in spec.split(","):
-        point, _, nth = item.strip().partition(":")
-        if point == name and _pause_counts[name] == int(nth or 1):
-            marker = os.environ.get("PADIM_OOC_PAUSE_FILE")
-            if marker:
-                with open(marker, "w") as f:
-                    f.write(f"{name}:{_pause_counts[name]} pid={os.getpid()}\n")
-            time.sleep(float(os.environ.get("PADIM_OOC_PAUSE_SECONDS", "600")))
 
 
 def positions_per_chunk(dims: int, target: int = CHUNK_TARGET_BYTES) -> int:
@@ -80,44 +49,27 @@ def positions_per_chunk(dims: int, target: int = CHUNK_TARGET_BYTES) -> int:
     return max(1, target // (dims * dims * 8))
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def _zarr_options(path: str) -> dict:
     """Extra arguments zarr needs to write at ``path``: file:// URLs must create their folders."""
     return {"storage_options": {"auto_mkdir": True}} if path.startswith("file://") else {}
 
 
-def shared_path(path: str | os.PathLike) -> str:
-    """``path`` as other processes can open it: URLs as given, local paths made absolute."""
-    text = os.fspath(path)
-    return text if _is_url(text) else os.path.abspath(text)
-
-
 def store_exists(path: str | os.PathLike) -> bool:
-    """Whether a padim_ooc store is at ``path``."""
+    """Whether a padim_ooc store is at ``path``.
+
+    Also True where the root metadata is there but unreadable (a damaged
+    model): opening it then says so, instead of taking it for a free path.
+    """
     path = os.fspath(path)
+    if not _is_url(path) and not os.path.exists(os.path.join(path, "zarr.json")):
+        return False
     try:
         group = zarr.open_group(path, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError):
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return False
+    except Exception:  # there, but damaged: ModelStore.open gives the clear error
+        return True
     return ATTR_KEY in group.attrs
-
-
-def _wait_for_zarr_writes(timeout: float = 30.0) -> None:
-    """Wait until the writes zarr still has in flight have ended.
-
-    Zarr writes an array's metadata and its parent groups' metadata concurrently;
-    when one write fails, the others go on after the error reached us, and could
-    recreate a folder just removed.
-    """
-    async def drain() -> None:
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        if others:
-            await asyncio.wait(others, timeout=timeout)
-
-    zarr.core.sync.sync(drain())
 
 
 class ModelStore:
@@ -155,7 +107,7 @@ class ModelStore:
         Takes the writer's lock (see :mod:`padim_ooc.lock`) for as long as the
         returned object lives (or until :meth:`close`).
         """
-        path = os.fspath(path)
+        path = shared_path(path)  # absolute: arrays pickled to workers must not depend on their cwd
         locked = lock.acquire(path, lock.default_command())
         try:
             return cls._create(path, config)._hold_lock() if locked else cls._create(path, config)
@@ -201,7 +153,7 @@ class ModelStore:
         for as long as the returned object lives (or until :meth:`close`), and
         removes what an interrupted write left behind.
         """
-        path = os.fspath(path)
+        path = shared_path(path)  # absolute: arrays pickled to workers must not depend on their cwd
         if not _is_url(path) and not os.path.exists(path):
             raise PadimError(f"model not found: {path}")
         locked = writable and lock.acquire(path, lock.default_command())
@@ -224,7 +176,10 @@ class ModelStore:
         if not isinstance(attrs, dict):
             raise PadimError(f"{self.path} is a Zarr group but not a padim_ooc model (no '{ATTR_KEY}' attributes)")
         version = attrs.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise PadimError(f"the model {self.path} has a missing or invalid schema_version "
+                             f"({version!r}): it is damaged, or not a padim_ooc model")
+        if version > SCHEMA_VERSION:
             raise PadimError(f"model schema version {version} is newer than this padim_ooc "
                              f"{__version__} supports (up to {SCHEMA_VERSION}); upgrade padim_ooc")
         return attrs
@@ -250,43 +205,20 @@ class ModelStore:
         return {k: self.attrs[k] for k in keys}
 
     def _array(self, group: str | None, name: str) -> zarr.Array:
+        """The live array ``group/name``, checked: its chunks are all there, and reading
+        it raises (not zeros) for a chunk deleted since (see :mod:`padim_ooc.chunks`)."""
         if group is None:
             raise PadimError(f"the model {self.path} has no statistics yet: fit it first")
         try:
-            arr = self.group[f"{group}/{name}"]
-        except KeyError:
+            arr = open_checked(self.group, f"{group}/{name}", self.path)
+        except (KeyError, FileNotFoundError):
             raise PadimError(f"the model {self.path} is damaged: {group}/{name} is missing") from None
+        except Exception as err:  # damaged metadata (cut short, not JSON, not an array)
+            raise PadimError(f"the model {self.path} is damaged: cannot read {group}/{name} "
+                             f"({type(err).__name__}: {err})") from None
         if arr.attrs.get(COMPLETE_KEY):
-            self._check_chunks(arr)
+            check_chunks(arr, self.path)
         return arr
-
-    def _check_chunks(self, arr: zarr.Array) -> None:
-        """Every chunk of ``arr`` is stored (a missing one was deleted: zarr would read it as
-        zeros) and, in a local uncompressed store, has its exact size (a short one was cut)."""
-        total = arr.nchunks
-        folder = os.path.join(self.path, arr.path, "c")
-        if not _is_url(self.path) and not arr.compressors and not arr.filters and os.path.isdir(folder):
-            expected = int(np.prod(arr.chunks)) * arr.dtype.itemsize
-            stored = 0
-            for root, _dirs, files in os.walk(folder):
-                for name in files:
-                    if name.endswith(".partial"):
-                        continue
-                    stored += 1
-                    size = os.path.getsize(os.path.join(root, name))
-                    if size != expected:
-                        chunk = os.path.relpath(os.path.join(root, name), os.path.join(self.path, arr.path))
-                        raise PadimError(f"the model {self.path} is damaged: chunk {chunk} of {arr.path} "
-                                         f"has {size} bytes instead of {expected}")
-        else:
-            try:
-                stored = arr.nchunks_initialized
-            except Exception as err:  # pragma: no cover - unreadable listing
-                raise PadimError(f"the model {self.path} is damaged: cannot list {arr.path} "
-                                 f"({type(err).__name__}: {err})") from None
-        if stored < total:
-            raise PadimError(f"the model {self.path} is damaged: {total - stored} of {total} "
-                             f"chunks of {arr.path} are missing")
 
     def mean_array(self) -> zarr.Array:
         return self._array(self.attrs["state"], "mean")
@@ -344,8 +276,9 @@ class ModelStore:
     @contextmanager
     def _switching(self, *new: str):
         """Around writing ``new`` groups and switching to them: an I/O error (full disk,
-        quota, ...) becomes one clear line; what was written is removed (best effort)
-        unless the store already points at it; the previous state stays the live one."""
+        quota, ...) becomes one clear line naming the store. On any error what was
+        written is removed (best effort) unless the store already points at it; the
+        previous state stays the live one."""
         try:
             yield
         except OSError as err:
@@ -353,12 +286,14 @@ class ModelStore:
             what = f"{self.n_images} images" if self.attrs["state"] else "no statistics yet"
             raise PadimError(f"cannot write the model store {self.path}: {err.strerror or err}; "
                              f"the previous checkpoint ({what}) is intact") from None
+        except Exception:
+            self._discard(new)
+            raise
 
     def _discard(self, names: Iterable[str]) -> None:
         try:
-            _wait_for_zarr_writes()
-            live = zarr.open_group(self.path, mode="r").attrs.asdict()[ATTR_KEY]
-            keep = {live.get("state"), live.get("final")} | {f"ledger/{k}" for k in live.get("ledger", [])}
+            wait_for_zarr_writes()
+            keep = live_names(zarr.open_group(self.path, mode="r").attrs.asdict()[ATTR_KEY])
             for name in names:
                 if not name or name in keep:
                     continue
@@ -378,20 +313,14 @@ class ModelStore:
         if _is_url(self.path):
             return
         for name in names:
-            top = os.path.join(self.path, name)
-            for folder, _dirs, files in os.walk(top):
-                for f in files:
-                    _fsync(os.path.join(folder, f))
-                _fsync(folder)
-            if os.path.isdir(top):
-                _fsync(os.path.dirname(top))
+            sync_tree(os.path.join(self.path, name))
 
     def _sync_root(self) -> None:
         if _is_url(self.path):
             return
         try:
-            _fsync(os.path.join(self.path, "zarr.json"))
-            _fsync(self.path)
+            fsync(os.path.join(self.path, "zarr.json"))
+            fsync(self.path)
         except OSError as err:
             raise PadimError(f"the model store {self.path} was written but flushing it to the disk "
                              f"failed: {err.strerror or err}") from None
@@ -442,8 +371,9 @@ class ModelStore:
         name = f"state-{self.attrs['seq'] + 1:06d}"
         positions, dims = self.attrs["grid"][0] * self.attrs["grid"][1], self.attrs["dims"]
         cp = self.attrs["chunk_positions"]
-        mean = self._new_array(f"{name}/mean", None, (positions, dims), "float64", cp)
-        m2 = self._new_array(f"{name}/m2", None, (positions, dims, dims), "float64", cp)
+        with self._switching(name):
+            mean = self._new_array(f"{name}/mean", None, (positions, dims), "float64", cp)
+            m2 = self._new_array(f"{name}/m2", None, (positions, dims, dims), "float64", cp)
         return name, mean, m2
 
     def write_block(self, name: str, start: int, moments: Moments) -> None:
@@ -561,37 +491,6 @@ class ModelStore:
                         del ledger[key]
 
 
-def read_array(arr: zarr.Array, rows: slice = slice(None)) -> np.ndarray:
-    """Read an array (or ``rows`` of its first axis), with a clear error if a chunk is damaged."""
-    try:
-        out = arr[rows] if arr.ndim else arr[...]
-    except Exception as err:
-        raise PadimError(f"the model store is damaged: cannot read {arr.path} "
-                         f"({type(err).__name__}: {err})") from None
-    expected = (len(range(*rows.indices(arr.shape[0]))),) + arr.shape[1:] if arr.ndim else ()
-    if arr.shape and arr.shape[0] and out.shape != expected:  # pragma: no cover - defensive
-        raise PadimError(f"the model store is damaged: {arr.path} has the wrong shape")
-    return out
-
-
-def write_array(arr: zarr.Array, data: np.ndarray) -> None:
-    """Write a whole array, one chunk of rows (first axis) at a time.
-
-    An ``OSError`` (full disk, I/O error) propagates: the caller's
-    ``ModelStore._switching`` turns it into a clear error.
-    """
-    rows = arr.chunks[0] if arr.ndim else 1
-    if arr.ndim == 0 or arr.shape[0] == 0:
-        arr[...] = data
-        return
-    for start in range(0, arr.shape[0], rows):
-        arr[start:start + rows] = data[start:start + rows]
-        pause_point("chunk")
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# names other modules import from here (their home is padim_ooc.chunks)
+__all__ = ["ModelStore", "store_exists", "shared_path", "positions_per_chunk", "read_array", "write_array",
+           "pause_point", "ATTR_KEY", "COMPLETE_KEY", "PAUSE_ENV", "SCHEMA_VERSION", "CHUNK_TARGET_BYTES"]
