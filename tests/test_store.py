@@ -81,3 +81,80 @@ def test_attributes_are_one_json_object(tmp_path):
     attrs = meta["attributes"][ATTR_KEY]
     assert attrs["n_images"] == 4 and attrs["state"] == "state-000001" and attrs["grid"] == [3, 5]
     assert not any(name.endswith(".partial") for name in os.listdir(tmp_path / "m.zarr"))
+
+
+def test_a_chunk_deleted_after_opening_is_an_error_not_zeros(tmp_path):
+    path = tmp_path / "m.zarr"
+    st = ModelStore.create(path, CONFIG)
+    st._write_attrs(chunk_positions=4)
+    st.checkpoint(moments(5), [b"a" * 16])
+    reader = ModelStore.open(path)
+    m2 = reader.m2_array()  # opened: every chunk was there
+    assert np.abs(po.store.read_array(m2)).max() > 0
+    os.unlink(path / "state-000001" / "m2" / "c" / "2" / "0" / "0")
+    with pytest.raises(po.PadimError, match=f"the model {path} is damaged: chunk c/2/0/0 of "
+                                            "state-000001/m2 is missing"):
+        po.store.read_array(m2)
+    with pytest.raises(po.PadimError, match="chunk c/2/0/0 of state-000001/m2 is missing"):
+        m2[8:12]  # also a plain zarr read (what Dask tasks do on workers)
+    assert np.abs(po.store.read_array(m2, slice(0, 8))).max() > 0  # the chunks still there read fine
+
+
+def test_a_state_replaced_while_it_is_read_is_an_error(tmp_path):
+    path = tmp_path / "m.zarr"
+    writer = ModelStore.create(path, CONFIG)
+    writer.checkpoint(moments(5), [b"a" * 16])
+    mean = ModelStore.open(path).mean_array()
+    writer.checkpoint(moments(7, seed=1), [b"b" * 16])  # switches and removes state-000001
+    with pytest.raises(po.PadimError, match=f"the model {path} changed while it was being read "
+                                            r"\(a writer replaced its state\): run the command again"):
+        po.store.read_array(mean)
+
+
+def test_a_chunk_deleted_from_a_url_store_is_an_error(tmp_path):
+    url = f"file://{tmp_path}/u.zarr"
+    st = ModelStore.create(url, CONFIG)
+    st.checkpoint(moments(5), [b"a" * 16])
+    mean = ModelStore.open(url).mean_array()
+    os.unlink(tmp_path / "u.zarr" / "state-000001" / "mean" / "c" / "0" / "0")
+    with pytest.raises(po.PadimError, match="chunk c/0/0 of state-000001/mean is missing"):
+        po.store.read_array(mean)
+    with pytest.raises(po.PadimError, match="1 of 1 chunks of state-000001/mean are missing"):
+        ModelStore.open(url).mean_array()
+
+
+def test_a_stray_file_does_not_hide_a_missing_chunk(tmp_path):
+    path = tmp_path / "m.zarr"
+    st = ModelStore.create(path, CONFIG)
+    st._write_attrs(chunk_positions=4)  # 15 positions: 4 chunks
+    st.checkpoint(moments(5), [b"a" * 16])
+    chunks = path / "state-000001" / "m2" / "c"
+    os.unlink(chunks / "1" / "0" / "0")
+    (chunks / "9" / "0").mkdir(parents=True)
+    (chunks / "9" / "0" / "0").write_bytes((chunks / "0" / "0" / "0").read_bytes())  # same count, same size
+    with pytest.raises(po.PadimError, match="1 of 4 chunks of state-000001/m2 are missing"):
+        ModelStore.open(path).m2_array()
+
+
+@pytest.mark.parametrize("version", [None, "1", 1.0, True])
+def test_missing_or_invalid_schema_version(tmp_path, version):
+    st = ModelStore.create(tmp_path / "m.zarr", CONFIG)
+    attrs = dict(st.attrs)
+    attrs.pop("schema_version")
+    if version is not None:
+        attrs["schema_version"] = version
+    st.group.attrs[ATTR_KEY] = attrs
+    with pytest.raises(po.PadimError, match=r"has a missing or invalid schema_version \(.*\): it is damaged, "
+                                            "or not a padim_ooc model"):
+        ModelStore.open(tmp_path / "m.zarr")
+
+
+def test_a_damaged_root_is_a_store_that_cannot_be_opened(tmp_path):
+    path = tmp_path / "m.zarr"
+    ModelStore.create(path, CONFIG).checkpoint(moments(4), [])
+    assert po.store.store_exists(path) and not po.store.store_exists(tmp_path / "none.zarr")
+    (path / "zarr.json").write_bytes((path / "zarr.json").read_bytes()[:20])
+    assert po.store.store_exists(path)  # not a free path: fit must not take it for one
+    with pytest.raises(po.PadimError, match=f"cannot open the model {path}: JSONDecodeError"):
+        ModelStore.open(path, writable=True)
+    assert not po.lock.held(path)
