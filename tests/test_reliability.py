@@ -81,7 +81,8 @@ def test_newer_schema_and_garbage_attributes(tmp_path, image_dir, fitted):
 def test_damaged_chunks_are_reported_not_read_as_zeros(tmp_path, image_dir, fitted, damage):
     path, attrs = copy(fitted, tmp_path)
     final, state = attrs["final"], attrs["state"]
-    for array in (f"{final}/precision", f"{state}/m2", f"ledger/{attrs['ledger'][0]}"):
+    for array in (f"{final}/precision", f"{final}/mean", f"{state}/m2", f"{state}/mean",
+                  f"ledger/{attrs['ledger'][0]}"):
         chunk = next(p for p in sorted((path / array / "c").rglob("*")) if p.is_file())
         saved = chunk.read_bytes()
         if damage == "delete":
@@ -93,7 +94,7 @@ def test_damaged_chunks_are_reported_not_read_as_zeros(tmp_path, image_dir, fitt
                     f"has {len(saved) // 3} bytes instead of {len(saved)}")
         if array.startswith("final"):  # scoring reads the precision
             one_line_error(cli("score", path, image_dir / "b", "--out", tmp_path / "o"), text)
-        elif "/m2" in array:  # finalize and a resumed fit read m2
+        elif array.startswith("state"):  # finalize and a resumed fit read m2 and mean
             one_line_error(cli("finalize", path), text)
             one_line_error(cli("fit", image_dir / "b", "--model", path, *SMALL), text)
         else:  # the ledger: what has been counted
@@ -103,6 +104,33 @@ def test_damaged_chunks_are_reported_not_read_as_zeros(tmp_path, image_dir, fitt
     one_line_error(cli("fit", image_dir / "b", "--model", path, *SMALL),
                    f"the model {path} is damaged: ledger/{attrs['ledger'][0]} is missing")
     assert ModelStore.open(path).n_images == 20  # nothing was changed by the refused commands
+
+
+def test_damaged_array_metadata_is_one_line(tmp_path, image_dir, fitted):
+    path, attrs = copy(fitted, tmp_path)
+    final, state, segment = attrs["final"], attrs["state"], f"ledger/{attrs['ledger'][0]}"
+    for array in (f"{final}/precision", f"{final}/mean", f"{state}/m2", f"{state}/mean", segment):
+        meta = path / array / "zarr.json"
+        saved = meta.read_bytes()
+        meta.write_bytes(saved[:20])  # cut short: not JSON
+        text = f"the model {path} is damaged: cannot read {array} (JSONDecodeError"
+        if array.startswith("final"):
+            one_line_error(cli("score", path, image_dir / "b", "--out", tmp_path / "o"), text)
+        else:
+            if array.startswith("state"):
+                one_line_error(cli("finalize", path), text)
+            one_line_error(cli("fit", image_dir / "b", "--model", path, *SMALL), text)
+        meta.write_bytes(saved)
+    assert ModelStore.open(path).n_images == 20
+
+
+def test_fit_on_a_model_whose_root_is_damaged(tmp_path, image_dir, fitted):
+    path, _ = copy(fitted, tmp_path)
+    (path / "zarr.json").write_bytes((path / "zarr.json").read_bytes()[:20])
+    before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    one_line_error(cli("fit", image_dir / "b", "--model", path, *SMALL),
+                   f"cannot open the model {path}: JSONDecodeError")  # not "... is not a padim_ooc model"
+    assert {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()} == before
 
 
 def test_a_model_whose_first_chunk_is_all_zero_is_not_damaged(tmp_path, image_dir, extractor):
