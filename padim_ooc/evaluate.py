@@ -189,8 +189,8 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
         "pixel_auroc": None if pix is None else pix["pixel_auroc"],
         "pro": None if pix is None else pix["pro"],
         "pixel_metrics": None if pix is None else {k: pix[k] for k in
-                                                    ("method", "n_bins", "n_pixels", "n_defect_pixels",
-                                                     "n_regions")},
+                                                    ("method", "detail", "n_bins", "core", "n_pixels",
+                                                     "n_defect_pixels", "n_regions")},
         "counts": layout.counts(),
         "per_type": _per_type(layout, scores, labels, threshold),
         "threshold": {"value": threshold, "rule": "Youden's J (tpr - fpr) on this test set",

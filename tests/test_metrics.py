@@ -5,9 +5,11 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from padim_ooc import metrics
+from padim_ooc import binned
 from padim_ooc.metrics import (DEFAULT_N_BINS, PixelRocAccumulator, ProAccumulator,
-                               image_auroc, pixel_auroc, pro_score)
+                               image_auroc, pixel_auroc, pro_score, bin_layout, log_tails)
+
+BOTH_PATHS = pytest.mark.parametrize("max_exact", [10**9, 0], ids=["exact", "binned"])
 
 
 def realistic_maps(seed, n=24, size=128, outlier=True):
@@ -93,6 +95,18 @@ def sorted_exact_pro(masks, maps, fpr_limit=0.3):
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / fpr_limit)
 
 
+def pairwise_auc(labels, scores):
+    """Mann-Whitney from its definition: the share of (positive, negative) pairs in which
+    the positive scores higher, a tie counting one half."""
+    labels, scores = np.asarray(labels).ravel() != 0, np.asarray(scores, np.float64).ravel()
+    pos, neg = scores[labels], scores[~labels]
+    wins = ties = 0
+    for p in pos:
+        wins += int(np.sum(p > neg))
+        ties += int(np.sum(p == neg))
+    return (wins + 0.5 * ties) / (pos.size * neg.size)
+
+
 # ---------------------------------------------------------------- image AUROC
 
 @pytest.mark.parametrize("seed", range(3))
@@ -101,6 +115,20 @@ def test_image_auroc_matches_sklearn(seed):
     labels = rng.integers(0, 2, 50)
     scores = np.round(rng.normal(size=50) + labels, 1)  # rounding makes ties
     assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_image_auroc_is_the_pairwise_win_rate(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 40)
+    scores = rng.integers(0, 5, 40) + labels  # many ties
+    expected = pairwise_auc(labels, scores)
+    assert 0.5 < expected < 1
+    assert image_auroc(labels, scores) == pytest.approx(expected, abs=1e-12)
+    # reversed orientation: defects scoring lower give 1 - AUC; all tied gives 1/2
+    assert image_auroc(labels, -scores) == pytest.approx(1 - expected, abs=1e-12)
+    assert image_auroc(labels, np.zeros(40)) == 0.5
+    assert image_auroc([0, 0, 1], [1.0, 3.0, 2.0]) == 0.5  # wins one pair, loses one
 
 
 def test_image_auroc_errors():
@@ -119,6 +147,18 @@ def test_pixel_auroc_exact_path_matches_sklearn():
     expected = roc_auc_score(masks.ravel(), maps.ravel())
     # n_bins=2 would be far off if the binned path were taken by mistake
     assert pixel_auroc(masks, maps, n_bins=2) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_pixel_auroc_exact_is_the_pairwise_win_rate(sign):
+    rng = np.random.default_rng(3)
+    masks = rng.random((3, 9, 11)) < 0.2
+    maps = sign * (rng.integers(0, 20, masks.shape) + 6.0 * masks)  # ties, both orientations
+    expected = pairwise_auc(masks, maps)
+    assert (expected > 0.5) == (sign > 0)
+    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+    # binned: distinct integers fall in distinct bins, ties in one: the same pairs win
+    assert pixel_auroc(masks, maps, max_exact_pixels=0, tail=0) == pytest.approx(expected, abs=1e-12)
 
 
 def test_pixel_auroc_binned_close_to_exact():
@@ -150,7 +190,7 @@ def test_pixel_accumulator_batches_equal_one_shot():
         parts.update(masks[part], maps[part])
     np.testing.assert_array_equal(parts.pos_hist_, whole.pos_hist_)
     np.testing.assert_array_equal(parts.neg_hist_, whole.neg_hist_)
-    assert parts.auroc() == whole.auroc() == pixel_auroc(masks, maps, max_exact_pixels=0)
+    assert parts.auroc() == whole.auroc() == pixel_auroc(masks, maps, max_exact_pixels=0, tail=0)
     merged = PixelRocAccumulator(lo, hi).update(masks[:4], maps[:4]).merge(
         PixelRocAccumulator(lo, hi).update(masks[4:], maps[4:]))
     assert merged.auroc() == whole.auroc()
@@ -182,46 +222,74 @@ def test_pixel_auroc_errors():
 # ---------------------------------------------------------------------- PRO
 
 @pytest.mark.parametrize("seed", range(3))
-def test_pro_matches_bruteforce_on_the_same_thresholds(seed):
+def test_pro_accumulator_matches_bruteforce_on_the_same_thresholds(seed):
     masks, maps, regions = boxes_case(seed)
     n = 64  # coarse on purpose: exact agreement then checks the binned logic itself
     edges = np.linspace(maps.min(), maps.max(), n + 1)
     expected = bruteforce_pro(masks, maps, regions, edges[:-1])  # top edge = (0, 0)
-    assert pro_score(masks, maps, n_thresholds=n) == pytest.approx(expected, abs=1e-12)
+    acc = ProAccumulator(maps.min(), maps.max(), n_thresholds=n).update(masks, maps)
+    assert acc.score() == pytest.approx(expected, abs=1e-12)
+    binned_min_max = pro_score(masks, maps, max_exact_pixels=0, n_thresholds=n, tail=0)
+    assert binned_min_max == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_pro_default_thresholds_close_to_exact_curve(seed):
+@pytest.mark.parametrize("seed", range(3))
+def test_exact_pro_is_every_distinct_score_a_threshold(seed):
     masks, maps, regions = boxes_case(seed)
-    exact = bruteforce_pro(masks, maps, regions, np.unique(maps))  # every score a threshold
-    assert abs(pro_score(masks, maps) - exact) < 5e-5  # measured 8.9e-7, 3.8e-7
-    assert abs(pro_score(masks, maps, n_thresholds=2**10) - exact) < 1e-3  # 6.5e-5, 1.5e-4
-    assert abs(pro_score(masks, maps, n_thresholds=4) - exact) > 1e-3  # the check can fail
-    assert sorted_exact_pro(masks, maps) == pytest.approx(exact, abs=1e-12)
+    if seed == 2:
+        maps = np.round(maps)  # heavy ties: groups of equal scores are one curve point
+    exact = bruteforce_pro(masks, maps, regions, np.unique(maps))
+    assert pro_score(masks, maps) == pytest.approx(exact, abs=1e-12)
+    assert pro_score(masks, maps, fpr_limit=0.1) == pytest.approx(
+        bruteforce_pro(masks, maps, regions, np.unique(maps), fpr_limit=0.1), abs=1e-12)
+    # the binned path on the same data: close with the default bins, visibly off with 4
+    assert abs(pro_score(masks, maps, max_exact_pixels=0) - exact) < 5e-5
+    assert abs(pro_score(masks, maps, max_exact_pixels=0, n_thresholds=4) - exact) > 1e-3
 
 
-def test_pro_binned_close_to_exact_on_realistic_maps():
-    masks, maps = realistic_maps(1)  # 24 x 128 x 128, 393,216 pixels
+def test_pro_exact_and_binned_on_realistic_maps():
+    masks, maps = realistic_maps(1)  # 24 x 128 x 128, 393,216 pixels, one pixel at 200
     exact = sorted_exact_pro(masks, maps)
     assert 0.7 < exact < 0.95
-    assert abs(pro_score(masks, maps) - exact) < 1e-5  # measured 2.4e-6
-    assert abs(pro_score(masks, maps, n_thresholds=2**10) - exact) < 1e-3  # measured 2.7e-4
+    assert pro_score(masks, maps) == pytest.approx(exact, abs=1e-12)  # exact path
+    assert abs(pro_score(masks, maps, max_exact_pixels=0) - exact) < 1e-5
+    assert abs(pro_score(masks, maps, max_exact_pixels=0, n_thresholds=2**10) - exact) < 1e-3
 
 
-def test_pro_perfect_detector_is_one():
+@pytest.mark.parametrize("hot", [2e4, 2e5])
+def test_binned_range_ignores_a_hot_pixel(hot):
+    """One normal pixel far above every other score: the min-max bins (tail=0) lose their
+    resolution, the scale with logarithmic tails keeps it."""
+    masks, maps = realistic_maps(1, outlier=False)
+    maps[-1, 0, 0] = hot  # image 23 has no defect: a normal pixel
+    exact_auc, exact_pro = roc_auc_score(masks.ravel(), maps.ravel()), sorted_exact_pro(masks, maps)
+    lo, hi, core = bin_layout(maps)
+    assert hi == hot and core[1] < 30  # the linear core stays on the real scores
+    robust = (pixel_auroc(masks, maps, max_exact_pixels=0), pro_score(masks, maps, max_exact_pixels=0))
+    min_max = (pixel_auroc(masks, maps, max_exact_pixels=0, tail=0),
+               pro_score(masks, maps, max_exact_pixels=0, tail=0))
+    assert abs(robust[0] - exact_auc) < 1e-5 and abs(robust[1] - exact_pro) < 1e-5, robust
+    assert abs(min_max[1] - exact_pro) > 5e-4  # what the fix is for (measured 8.5e-4 at 2e4)
+
+
+@BOTH_PATHS
+def test_pro_perfect_detector_is_one(max_exact):
     masks, _, _ = boxes_case(0)
-    assert pro_score(masks, masks.astype(float)) == 1.0
+    assert pro_score(masks, masks.astype(float), max_exact_pixels=max_exact) == 1.0
 
 
-def test_pro_constant_map():
+@BOTH_PATHS
+def test_pro_constant_map(max_exact):
     masks, _, _ = boxes_case(0)
     maps = np.zeros(masks.shape)
     # every pixel tied: the curve is the diagonal PRO = FPR, area 0.3**2 / 2, / 0.3
-    assert pro_score(masks, maps) == pytest.approx(0.15, abs=1e-12)
-    assert pro_score(masks, maps, fpr_limit=1.0) == pytest.approx(0.5, abs=1e-12)
+    assert pro_score(masks, maps, max_exact_pixels=max_exact) == pytest.approx(0.15, abs=1e-12)
+    assert pro_score(masks, maps, fpr_limit=1.0, max_exact_pixels=max_exact) == pytest.approx(0.5, abs=1e-12)
 
 
-def test_pro_hand_computed():
+@BOTH_PATHS
+def test_pro_hand_computed(max_exact):
+    pro_score = lambda *a, **k: globals()["pro_score"](*a, max_exact_pixels=max_exact, **k)
     # one row: region A (2 px), 10 normal pixels scored 10..1, region B (2 px)
     masks = np.array([[[1, 1] + [0] * 10 + [1, 1]]])
     maps = np.array([[[20.0, 5.5] + list(range(10, 0, -1)) + [8.5, 0.5]]])
@@ -237,7 +305,9 @@ def test_pro_hand_computed():
     assert pro_score(masks2, maps2, fpr_limit=0.25) == pytest.approx(11 / 24, abs=1e-12)
 
 
-def test_pro_connectivity():
+@BOTH_PATHS
+def test_pro_connectivity(max_exact):
+    pro_score = lambda *a, **k: globals()["pro_score"](*a, max_exact_pixels=max_exact, **k)
     masks = np.zeros((1, 4, 4), dtype=bool)
     masks[0, 0, :2] = masks[0, 1, 2] = True  # a pair and a pixel touching it diagonally
     maps = np.arange(16.0).reshape(1, 4, 4) + 100 * masks
@@ -255,7 +325,10 @@ def test_pro_accumulator_batches_equal_one_shot():
         parts.update(masks[part], maps[part])
     assert parts.n_regions_ == ndimage.label(masks[0], np.ones((3, 3)))[1] + sum(
         ndimage.label(m, np.ones((3, 3)))[1] for m in masks[1:])
-    assert parts.score() == pytest.approx(pro_score(masks, maps), abs=1e-12)
+    whole = ProAccumulator(lo, hi).update(masks, maps)
+    np.testing.assert_array_equal(parts.neg_hist_, whole.neg_hist_)
+    assert parts.score() == pytest.approx(whole.score(), abs=1e-12)
+    assert parts.score() == pytest.approx(pro_score(masks, maps, max_exact_pixels=0, tail=0), abs=1e-12)
     merged = ProAccumulator(lo, hi).update(masks[:2], maps[:2]).merge(
         ProAccumulator(lo, hi).update(masks[2:], maps[2:]))
     assert merged.score() == pytest.approx(parts.score(), abs=1e-12)
@@ -263,10 +336,10 @@ def test_pro_accumulator_batches_equal_one_shot():
 
 def test_one_shot_forms_give_the_same_result_in_chunks(monkeypatch):
     masks, maps, _ = boxes_case(4)
-    expected = (pixel_auroc(masks, maps, max_exact_pixels=0), pro_score(masks, maps))
-    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", 2000)  # 2 images of 900 px a chunk
+    expected = (pixel_auroc(masks, maps, max_exact_pixels=0), pro_score(masks, maps, max_exact_pixels=0))
+    monkeypatch.setattr(binned, "_CHUNK_PIXELS", 2000)  # 2 images of 900 px a chunk
     assert pixel_auroc(masks, maps, max_exact_pixels=0) == expected[0]
-    assert pro_score(masks, maps) == pytest.approx(expected[1], abs=1e-12)
+    assert pro_score(masks, maps, max_exact_pixels=0) == pytest.approx(expected[1], abs=1e-12)
 
 
 def test_masks_stored_as_0_255_count_as_defects():
@@ -276,9 +349,12 @@ def test_masks_stored_as_0_255_count_as_defects():
     assert pixel_auroc(png_like, maps, max_exact_pixels=0) == pixel_auroc(
         masks, maps, max_exact_pixels=0)
     assert pro_score(png_like, maps) == pro_score(masks, maps)
+    assert pro_score(png_like, maps, max_exact_pixels=0) == pro_score(masks, maps, max_exact_pixels=0)
 
 
-def test_pro_edge_cases():
+@BOTH_PATHS
+def test_pro_edge_cases(max_exact):
+    pro_score = lambda *a, **k: globals()["pro_score"](*a, max_exact_pixels=max_exact, **k)
     maps = np.random.default_rng(0).normal(size=(3, 8, 8))
     assert np.isnan(pro_score(np.zeros(maps.shape), maps))
     with pytest.raises(ValueError, match="0 normal pixels"):
@@ -289,3 +365,19 @@ def test_pro_edge_cases():
         pro_score(maps > 1, maps, connectivity=6)
     with pytest.raises(ValueError, match="NaN"):
         pro_score(maps > 1, maps * np.nan)
+
+
+def test_bin_layout_and_log_tails():
+    values = np.r_[np.arange(10_000.0), 1e9]
+    assert bin_layout(values, tail=0) == (0.0, 1e9, None)
+    lo, hi, core = bin_layout(values, tail=1e-2)
+    assert (lo, hi) == (0.0, 1e9) and core == pytest.approx(tuple(np.quantile(values, [1e-2, 1 - 1e-2])))
+    assert bin_layout(np.arange(50.0))[2] is None  # too few values for a 1 % tail: no core
+    assert bin_layout(np.full(50_000, 3.0)) == (3.0, 4.0, None)
+    with pytest.raises(ValueError, match="NaN"):
+        bin_layout(np.array([0.0, np.inf]))
+    # the scale: identity in the core, w * log1p(distance / w) outside (w = core width), increasing
+    v = np.array([-20.0, 0.0, 5.0, 10.0, 30.0, 1e9])
+    expected = [0 - 10 * np.log(3), 0, 5, 10, 10 + 10 * np.log(3), 10 + 10 * np.log1p(1e8 - 1)]
+    np.testing.assert_allclose(log_tails(v, (0.0, 10.0)), expected, rtol=1e-12)
+    np.testing.assert_array_equal(log_tails(v, None), v)
