@@ -38,14 +38,17 @@ class ImageList(list):
 def list_images(sources: Iterable[str | os.PathLike]) -> ImageList:
     """Expand sources into a sorted, de-duplicated list of image paths.
 
-    A folder contributes every file below it with an image suffix
-    (recursively; a sub-folder with an image-like name such as ``x.jpg`` is a
-    folder), a ``.txt``/``.lst`` file contributes the paths it lists one per
-    line (relative ones are taken relative to the list; each is taken as an
-    image file, so a listed folder or missing file is skipped later with a
-    warning), any other file is taken as one image. Order: sorted by path
-    within each source, sources in the order given; a path given twice is kept
-    once. The result (an :class:`ImageList`) is returned as is if passed again.
+    A folder contributes every file below it with an image suffix, in any
+    case (recursively; a sub-folder with an image-like name such as ``x.jpg``
+    is a folder), a ``.txt``/``.lst``/``.list`` file contributes the paths it
+    lists one per line (blank lines and lines starting with ``#`` ignored;
+    relative paths are taken relative to the list's folder, not the working
+    directory; each is taken as an image file, so a listed folder or missing
+    file is skipped later with a warning), any other file is taken as one
+    image. Order: a folder's images sorted by path, a list's in its order,
+    sources in the order given; a path given twice is kept once (where it
+    first appears). The result (an :class:`ImageList`) is returned as is if
+    passed again.
 
     Raises
     ------
@@ -83,7 +86,7 @@ def list_images(sources: Iterable[str | os.PathLike]) -> ImageList:
 
 def _read_list(path: Path) -> list[Path]:
     lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-    paths = [Path(line.strip()) for line in lines if line.strip() and not line.startswith("#")]
+    paths = [Path(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
     paths = [p if p.is_absolute() else path.parent / p for p in paths]
     if not paths:
         raise PadimError(f"the list {path} names no images")
@@ -97,11 +100,9 @@ def display_path(path: str | os.PathLike) -> str:
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode image bytes to an 8-bit RGB PIL image.
+    """Decode image bytes to an 8-bit RGB PIL image (:func:`to_rgb` of the decoded image).
 
-    Grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit images are
-    converted; 16-bit and 32-bit integer images are scaled to 8 bit by their
-    type's range. Multi-frame files give their first frame.
+    Multi-frame files give their first frame.
 
     Raises
     ------
@@ -111,6 +112,17 @@ def decode_rgb(data: bytes) -> Image.Image:
     """
     img = Image.open(io.BytesIO(data))
     img.load()
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB version of a PIL image of any mode.
+
+    Grayscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit images are
+    converted; 16-bit and 32-bit integer images are scaled to 8 bit by their
+    type's range, float images by their own range. The same for a decoded
+    file and for a PIL image handed in directly (:class:`Preprocess`).
+    """
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(img)
         scale = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) <= 65535 else 2**32 - 1
@@ -183,7 +195,8 @@ def read_bytes(path: Path) -> tuple[bytes | None, str | None]:
 class Preprocess:
     """Resize (square), centre crop, scale to [0, 1], normalise.
 
-    Calling it on a PIL image gives a float32 tensor of shape (3, crop, crop).
+    Calling it on a PIL image of any mode (made 8-bit RGB by :func:`to_rgb`,
+    as a decoded file is) gives a float32 tensor of shape (3, crop, crop).
     """
 
     resize: int = 256
@@ -192,9 +205,7 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        t = TF.pil_to_tensor(image)
+        t = TF.pil_to_tensor(to_rgb(image))
         t = TF.resize(t, [self.resize, self.resize], antialias=True)
         t = TF.center_crop(t, [self.crop, self.crop])
         t = TF.to_dtype(t, torch.float32, scale=True)
