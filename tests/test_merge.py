@@ -1,7 +1,9 @@
 """Merging stores: tree of Chan merges chunk by chunk, checks of configuration and ledgers, URLs."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,8 +12,11 @@ import uuid
 import numpy as np
 import pytest
 import torch
+import zarr
+from typer.testing import CliRunner
 
 import padim_ooc as po
+from padim_ooc.cli import app
 from padim_ooc.data import decode_rgb, list_images
 from padim_ooc.finalize import finalize
 from padim_ooc.merge import merge_stores, tree_merge
@@ -181,3 +186,54 @@ def test_api_merge_finalizes(tmp_path):
     ref = np.linalg.inv(np.cov(x[7], rowvar=False) + 0.1 * np.eye(4))
     np.testing.assert_allclose(prec[7], ref, rtol=1e-5)
 
+
+
+def full_disk_at(monkeypatch, prefix: str):
+    """Zarr's local store raising ENOSPC for every key under ``prefix`` (like tests/test_crash.py)."""
+    original = zarr.storage.LocalStore.set
+
+    async def set(store, key, value):
+        if key.startswith(prefix):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await original(store, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set)
+
+
+def test_a_failed_merge_keeps_the_output_as_it_was(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(15, 9, 4))
+    synthetic(tmp_path / "a.zarr", x[:, :4], [bytes([i]) * 16 for i in range(4)])
+    synthetic(tmp_path / "b.zarr", x[:, 4:], [bytes([i]) * 16 for i in range(4, 9)])
+    out = tmp_path / "out.zarr"
+    merge_stores([tmp_path / "a.zarr"], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with monkeypatch.context() as mp:
+        full_disk_at(mp, "state-000002/m2/c/")  # the merged chunks
+        with pytest.raises(po.PadimError) as err:
+            merge_stores([tmp_path / "b.zarr"], out)
+    assert str(err.value) == (f"cannot write the model store {out}: No space left on device; "
+                              "the previous checkpoint (4 images) is intact")
+    # while the error (and its traceback) is alive, the lock is already given back
+    assert not po.lock.held(out) and not (out / ".padim_ooc.lock").exists()
+    with ModelStore.open(out, writable=True):  # a next writer gets in
+        pass
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    mean, _ = two_pass(x[:, :4])
+    back = ModelStore.open(out).load_moments()
+    assert back.n == 4 and rel(back.mean.numpy(), mean) <= 1e-14
+
+
+def test_a_failed_merge_into_a_new_path_leaves_nothing(tmp_path, monkeypatch):
+    x = np.random.default_rng(5).normal(size=(15, 6, 4))
+    synthetic(tmp_path / "a.zarr", x, [bytes([i]) * 16 for i in range(6)])
+    out = tmp_path / "new.zarr"
+    with monkeypatch.context() as mp:
+        full_disk_at(mp, "state-000001/mean/c/")
+        with pytest.raises(po.PadimError, match=f"cannot write the model store {out}: No space left"):
+            merge_stores([tmp_path / "a.zarr"], out)
+    assert not out.exists()
+    ModelStore.create(tmp_path / "empty.zarr", CONFIG)  # no statistics
+    res = CliRunner().invoke(app, ["merge", str(tmp_path / "empty.zarr"), "--model", str(tmp_path / "me.zarr")])
+    assert res.exit_code == 2 and "nothing to merge: the parts hold no statistics" in res.stderr
+    assert not (tmp_path / "me.zarr").exists()
