@@ -8,8 +8,9 @@ MVTec AD class layout (one class folder)::
     CLASS/ground_truth/<type>/<name>_mask.png   optional pixel masks (nonzero = defect)
 
 Without ``ground_truth/`` only image-level metrics are computed. With it, every
-defective test image needs its mask (a partial set would bias the pixel
-metrics, so it is refused with the name of the first missing mask).
+defective test image needs its mask: a partial set would bias the pixel
+metrics, and a set named otherwise would silently drop them, so both are
+refused with the name of the first missing mask.
 
 Plain layout (no training split: the model is fitted elsewhere)::
 
@@ -147,12 +148,13 @@ def _mvtec(root: Path) -> Layout:
                     missing.append(mask)
             test.append(TestImage(path, tdir.name, mask))
     n_defect = sum(item.label for item in test)
-    if gt.is_dir() and missing and len(missing) < n_defect:
+    if gt.is_dir() and missing:
+        found = next((p for p in sorted(gt.rglob("*")) if p.is_file()), None)
+        seen = f" (found e.g. {found})" if found is not None and len(missing) == n_defect else ""
         raise PadimError(f"{len(missing)} of {n_defect} defective test images have no mask, e.g. "
-                         f"{missing[0]}; add the masks, or move ground_truth/ away for image-level metrics only")
-    has_masks = gt.is_dir() and n_defect > 0 and not missing
-    if not has_masks:
-        test = [TestImage(item.path, item.defect_type, None) for item in test]
+                         f"{missing[0]}{seen}; masks are named <image name>{MASK_SUFFIX}.png: rename or "
+                         "add them, or move ground_truth/ away for image-level metrics only")
+    has_masks = gt.is_dir() and n_defect > 0
     return Layout(root, "mvtec", train, test, has_masks)
 
 

@@ -1,6 +1,7 @@
 """Data layouts (MVTec AD class folders, good/defect folders) and mask preprocessing."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,16 @@ def test_masks_are_optional_but_not_partial(tmp_path):
     missing = root / "ground_truth" / "spot" / "img0002_mask.png"
     missing.unlink()
     with pytest.raises(PadimError, match="1 of 10 defective test images have no mask.*img0002_mask.png"):
+        find_layout(root)
+
+
+def test_masks_named_otherwise_are_refused_not_dropped(tmp_path):
+    root = make_mvtec_class(tmp_path / "e")
+    for mask in sorted((root / "ground_truth").rglob("*_mask.png")):
+        mask.rename(mask.with_name(mask.name.replace("_mask", "")))  # e.g. img0000.png
+    expected = root / "ground_truth" / "scratch" / "img0000_mask.png"
+    with pytest.raises(PadimError, match=r"10 of 10 defective test images have no mask, e\.g\. "
+                       + re.escape(str(expected)) + r" \(found e\.g\. .*img0000\.png\)"):
         find_layout(root)
 
 
