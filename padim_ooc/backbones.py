@@ -72,8 +72,7 @@ def _classifier(name: str, weights: str | None, seed: int) -> tuple[torch.nn.Mod
             torch.manual_seed(seed)
             return get_model(name, weights=None), f"random:seed={seed}"
     if weights == "default" or weights.startswith("torchvision:"):
-        enum = get_model_weights(name)
-        choice = enum.DEFAULT if weights == "default" else enum[weights.split(".")[-1]]
+        choice = torchvision_weights(name, weights)
         try:
             model = get_model(name, weights=choice)
         except Exception as err:  # network or cache failure: say what to do instead
@@ -83,6 +82,31 @@ def _classifier(name: str, weights: str | None, seed: int) -> tuple[torch.nn.Mod
         return model, f"torchvision:{choice}"
     model = get_model(name, weights=None)
     return model, _load_file(model, Path(weights))
+
+
+def torchvision_weights(name: str, weights: str):
+    """The torchvision weights enum member that ``weights`` names for model ``name``.
+
+    ``default`` is torchvision's current default (``IMAGENET1K_V2`` for
+    wide_resnet50_2 and resnet50, ``IMAGENET1K_V1`` for resnet18);
+    ``torchvision:MEMBER`` or ``torchvision:Class.MEMBER`` (the form a model
+    stores, e.g. ``torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1``) names
+    one. Nothing is downloaded.
+
+    Raises
+    ------
+    PadimError
+        If the member is not one of the model's weights.
+    """
+    enum = get_model_weights(name)
+    if weights == "default":
+        return enum.DEFAULT
+    cls, _, member = weights.removeprefix("torchvision:").rpartition(".")
+    choices = [w.name for w in enum]
+    if cls not in ("", enum.__name__) or member not in choices:
+        raise PadimError(f"unknown weights {weights!r} for {name}: use torchvision:{enum.__name__}.NAME "
+                         f"with NAME one of {', '.join(choices)}, or default")
+    return enum[member]
 
 
 def file_hash(path: Path) -> str:

@@ -2,7 +2,10 @@
 upsampled (nearest) to the first layer's grid and concatenated."""
 from __future__ import annotations
 
-from typing import Any
+import re
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -12,14 +15,102 @@ from .data import Preprocess
 from .errors import PadimError
 
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N (N a GPU index)"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is an error."""
-    if str(device) == "auto":
+    """``auto`` -> cuda if available else cpu; ``cpu``, ``cuda``, ``cuda:N``.
+
+    Raises
+    ------
+    PadimError
+        For any other value, or a CUDA device that this machine does not have.
+    """
+    text = str(device).strip()
+    if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PadimError("--device cuda was asked for but no CUDA GPU is available (use cpu or auto)")
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", text):
+        raise PadimError(f"unknown device {text!r}: use {DEVICE_CHOICES}")
+    dev = torch.device(text)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PadimError(f"--device {text} was asked for but no CUDA GPU is available (use cpu or auto)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise PadimError(f"--device {text}: there is no such GPU (this machine has cuda:0 to cuda:{count - 1})")
     return dev
+
+
+@contextmanager
+def float32_precision() -> Iterator[None]:
+    """Full float32 arithmetic inside: no TF32 for cuDNN convolutions or cuBLAS matrix
+    products, no reduced precision for oneDNN's; the settings are restored on exit.
+
+    These are process-wide flags, so nested and concurrent uses (threads) share
+    one count: the settings the first entrant found are put back when the last
+    one leaves. torch >= 2.9: the per-operation ``fp32_precision`` settings
+    (cuDNN conv, cuBLAS and oneDNN matmul, oneDNN conv) and the float32 matmul
+    precision; older torch: ``cudnn.allow_tf32`` and the matmul precision.
+    (``torch.backends.cudnn.flags`` is not used: it reads the cuDNN-wide TF32
+    flag, which torch refuses to read after a conv-only ``fp32_precision``.)
+    """
+    global _float32_users, _float32_saved
+    with _float32_lock:
+        if _float32_users == 0:
+            _float32_saved = _precision_settings()
+            _set_precision_settings({k: v for k, v in _FULL_FLOAT32.items() if k in _float32_saved})
+        _float32_users += 1
+    try:
+        yield
+    finally:
+        with _float32_lock:
+            _float32_users -= 1
+            if _float32_users == 0:
+                _set_precision_settings(_float32_saved)
+
+
+_float32_lock = threading.Lock()
+_float32_users = 0
+_float32_saved: dict[str, Any] = {}
+_NEW_API = hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.mkldnn, "conv")
+# (what, setting) pairs; "matmul" (the legacy float32 matmul precision) is applied first
+# because it also writes the per-backend matmul settings that follow it
+_FULL_FLOAT32 = ({"matmul": "highest", "cudnn.conv": "ieee", "cuda.matmul": "ieee",
+                  "mkldnn.conv": "ieee", "mkldnn.matmul": "ieee"}
+                 if _NEW_API else {"matmul": "highest", "cudnn.allow_tf32": False})
+
+
+def _precision_settings() -> dict[str, Any]:
+    """The current values of the settings :func:`float32_precision` changes.
+
+    The legacy matmul precision is left out where torch refuses to read it
+    (after per-backend settings that it cannot express, e.g. only
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``): the
+    per-backend settings alone are then changed and restored, which keeps
+    torch's check that the two agree satisfied inside.
+    """
+    b = torch.backends
+    try:
+        out = {"matmul": torch.get_float32_matmul_precision()}
+    except RuntimeError:
+        out = {}
+    if not _NEW_API:  # torch < 2.9
+        return out | {"cudnn.allow_tf32": b.cudnn.allow_tf32}
+    return out | {"cudnn.conv": b.cudnn.conv.fp32_precision, "cuda.matmul": b.cuda.matmul.fp32_precision,
+                  "mkldnn.conv": b.mkldnn.conv.fp32_precision,
+                  "mkldnn.matmul": b.mkldnn.matmul.fp32_precision}
+
+
+def _set_precision_settings(values: dict[str, Any]) -> None:
+    b = torch.backends
+    for key, value in values.items():
+        if key == "matmul":
+            torch.set_float32_matmul_precision(value)
+        elif key == "cudnn.allow_tf32":
+            b.cudnn.allow_tf32 = value
+        else:
+            backend, op = key.split(".")
+            getattr(getattr(b, backend), op).fp32_precision = value
 
 
 def draw_channels(total: int, dims: int | None, seed: int) -> list[int]:
@@ -53,23 +144,27 @@ class Extractor:
     resize, crop : int
         Square resize, then centre crop (pixels).
     device : str
-        ``auto``, ``cpu`` or ``cuda``.
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     channels : list of int, optional
         The channel indices to keep (overrides ``dims``/``seed`` draw; used
         when a stored model is reopened).
     mean, std : tuple of 3 floats, optional
         Input normalisation; default: what the backbone's weights expect
         (ImageNet's for torchvision models).
-    amp : bool, optional
-        Run the backbone under bfloat16 autocast (the statistics stay in
-        float64). Default: on for CUDA, off on the CPU.
+
+    Notes
+    -----
+    The backbone runs in float32 on every device (on CUDA with TF32 off, see
+    :func:`float32_precision`), so :meth:`embed` gives the features the
+    statistics were computed from. CPU and GPU features agree to float32
+    rounding, not bit for bit.
     """
 
     def __init__(self, backbone: str = "resnet18", *, layers: list[str] | None = None,
                  dims: int | None = None, seed: int = 0, weights: str | None = "default",
                  resize: int = 256, crop: int = 224, device: str = "auto",
                  channels: list[int] | None = None,
-                 mean: tuple | None = None, std: tuple | None = None, amp: bool | None = None):
+                 mean: tuple | None = None, std: tuple | None = None):
         if crop > resize:
             raise PadimError(f"crop {crop} is larger than resize {resize}")
         if crop < 32:
@@ -78,7 +173,6 @@ class Extractor:
         self.layers = list(layers) if layers else backbones.default_layers(backbone)
         self.seed = int(seed)
         self.device = resolve_device(device)
-        self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
         default_mean, default_std = backbones.normalization(backbone)
         self.preprocess = Preprocess(resize, crop, tuple(mean or default_mean), tuple(std or default_std))
         module, self.weights_id = backbones.build(backbone, self.layers, weights, self.seed)
@@ -86,7 +180,7 @@ class Extractor:
         self._module = module.to(self.device)
         if self.device.type == "cpu":
             self._module = self._module.to(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        with torch.inference_mode(), float32_precision():
             probe = self._module(torch.zeros(1, 3, crop, crop, device=self.device))
         self.layer_channels = [int(probe[layer].shape[1]) for layer in self.layers]
         self.grid = tuple(int(s) for s in probe[self.layers[0]].shape[-2:])
@@ -166,10 +260,10 @@ class Extractor:
             raise PadimError(f"expected a batch of shape (B, 3, {expected}, {expected}), got {tuple(batch.shape)}")
         b, (h, w) = batch.shape[0], self.grid
         with torch.inference_mode():
-            x = batch.to(self.device, non_blocking=True)
+            x = batch.to(self.device, torch.float32, non_blocking=True)
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with float32_precision():
                 maps = self._module(x)
             if out is None:
                 out = torch.empty(h * w, b, self.dims, device=self.device)

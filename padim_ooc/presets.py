@@ -11,10 +11,13 @@ from typing import Any
 
 from .errors import PadimError
 
+# The paper used torchvision's original ImageNet weights (V1); torchvision's default for
+# wide_resnet50_2 is now IMAGENET1K_V2, so the presets name V1 explicitly.
 PRESETS: dict[str, dict[str, Any]] = {
-    "r18-rd100": {"backbone": "resnet18", "dims": 100, "resize": 256, "crop": 224, "weights": "default"},
+    "r18-rd100": {"backbone": "resnet18", "dims": 100, "resize": 256, "crop": 224,
+                  "weights": "torchvision:ResNet18_Weights.IMAGENET1K_V1"},
     "wr50-rd550": {"backbone": "wide_resnet50_2", "dims": 550, "resize": 256, "crop": 224,
-                   "weights": "default"},
+                   "weights": "torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1"},
     # EfficientNet-Lite0: all 24 + 40 + 112 = 176 channels of stages 2, 3 and 5.
     "lite0": {"backbone": "efficientnet_lite0", "dims": None, "resize": 256, "crop": 224,
               "weights": "default"},

@@ -1,6 +1,8 @@
 """Backbones, channel selection, weights loading (local files only), preprocessing."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,8 @@ from torchvision.models import ResNet18_Weights, get_model
 import padim_ooc as po
 from padim_ooc.data import decode_rgb
 from padim_ooc.extractor import draw_channels
+
+from conftest import run_cli
 
 
 def test_resnet18_shapes_and_seeded_channels(extractor):
@@ -113,15 +117,167 @@ def test_preprocess_shape(extractor):
     np.testing.assert_allclose(t[:, 0, 0].numpy(), -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225]), rtol=1e-5)
 
 
-def test_autocast_backbone_gives_float32_features_close_to_exact(extractor):
-    """The bfloat16 path (default on CUDA) exercised on the CPU: float32 out, ~1e-2 relative."""
-    amp = po.Extractor("resnet18", weights=None, seed=0, resize=72, crop=64, device="cpu", amp=True)
-    assert amp.amp and not extractor.amp
-    x = torch.randn(2, 3, 64, 64)
-    a, b = amp.embed(x), extractor.embed(x)
-    assert a.dtype == torch.float32
-    assert float((a - b).abs().max() / b.abs().max()) < 0.1
-    assert not torch.equal(a, b)
+def _precision_snapshot() -> dict:
+    """Every TF32 / reduced-precision setting torch has, read back as it stands."""
+    b = torch.backends
+    out = {f"{name}.{op}": getattr(getattr(b, name), op).fp32_precision
+           for name, ops in (("cudnn", ("conv", "rnn")), ("cuda", ("matmul",)), ("mkldnn", ("conv", "matmul", "rnn")))
+           for op in ops}
+    out |= {"cudnn": b.cudnn.fp32_precision, "mkldnn": b.mkldnn.fp32_precision, "generic": b.fp32_precision}
+    for key, read in (("legacy.matmul", torch.get_float32_matmul_precision),
+                      ("legacy.cudnn", lambda: b.cudnn.allow_tf32),
+                      ("legacy.cublas", lambda: b.cuda.matmul.allow_tf32)):
+        try:
+            out[key] = read()
+        except RuntimeError:  # torch refuses to read a legacy flag after some new-API settings
+            out[key] = "unreadable"
+    return out
+
+
+def _reset_precision() -> None:
+    """torch's start-up settings (checked against a snapshot taken before any change)."""
+    b = torch.backends
+    b.fp32_precision = "none"  # the generic setting, which also writes every backend's
+    b.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("highest")
+    b.cuda.matmul.fp32_precision = b.mkldnn.matmul.fp32_precision = b.mkldnn.conv.fp32_precision = "none"
+
+
+PRIOR_SETTINGS = {
+    "torch defaults": lambda: None,
+    "matmul high": lambda: torch.set_float32_matmul_precision("high"),
+    "matmul medium": lambda: torch.set_float32_matmul_precision("medium"),
+    "legacy cudnn tf32 off": lambda: setattr(torch.backends.cudnn, "allow_tf32", False),
+    "new-API cuda matmul tf32": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+    "new-API mkldnn bf16": lambda: setattr(torch.backends.mkldnn, "fp32_precision", "bf16"),
+}
+
+
+@pytest.mark.parametrize("prior", list(PRIOR_SETTINGS))
+def test_float32_precision_turns_tf32_off_and_restores_the_settings(prior):
+    """Inside: TF32 off for cuDNN convs and cuBLAS matmuls, full float32 for oneDNN, and
+    torch's own consistency checks pass; after: every setting exactly as it was, also
+    when nested and entered from several threads at once."""
+    import threading
+
+    from padim_ooc.extractor import float32_precision
+
+    pristine = _precision_snapshot()
+    try:
+        PRIOR_SETTINGS[prior]()
+        before = _precision_snapshot()
+        inside = []
+        with float32_precision():
+            with float32_precision():
+                inside.append(_precision_snapshot())
+            inside.append(_precision_snapshot())
+        barrier = threading.Barrier(3)
+
+        def use():
+            with float32_precision():
+                barrier.wait()  # all three inside at once
+                inside.append(_precision_snapshot())
+        threads = [threading.Thread(target=use) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert _precision_snapshot() == before
+        assert len(inside) == 5
+        for snap in inside:
+            assert snap["cudnn.conv"] == snap["cuda.matmul"] == "ieee"
+            assert snap["mkldnn.conv"] == snap["mkldnn.matmul"] == "ieee"
+            assert snap["legacy.cublas"] is False  # read through torch's legacy/new consistency check
+    finally:
+        _reset_precision()
+    assert _precision_snapshot() == pristine
+
+
+def test_backbone_runs_in_full_float32(extractor):
+    """While the backbone runs: no autocast, TF32 off (as on CUDA), float32 in; the
+    features equal a float64 run of the same network to float32 rounding."""
+    seen = []
+
+    def record(module, args):
+        seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
+                     torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+    before = _precision_snapshot()
+    handle = extractor._module.register_forward_pre_hook(record)
+    try:
+        x = torch.randn(2, 3, 64, 64)
+        feats = extractor.embed(x)
+    finally:
+        handle.remove()
+    assert seen == [(torch.float32, False, False, "ieee", "ieee")]
+    assert _precision_snapshot() == before
+    double = copy.deepcopy(extractor._module).double().eval()  # (a deep copy of a GraphModule trains)
+    maps = double(x.double())
+    full = torch.cat([torch.nn.functional.interpolate(maps[k], size=extractor.grid, mode="nearest")
+                      for k in extractor.layers], dim=1)[:, extractor.channels]
+    assert feats.dtype == torch.float32
+    assert float((feats.double() - full).abs().max() / full.abs().max()) < 1e-5  # bfloat16: ~1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_cuda_features_equal_cpu_features_to_float32_rounding(extractor):
+    """float32 with TF32 off on the GPU: the CPU's features to float32 rounding (not bit for bit),
+    and the same features every time for the same batch."""
+    gpu = po.Extractor.from_config(extractor.config(), device="cuda")
+    x = torch.randn(4, 3, 64, 64)
+    a, b = gpu.embed(x), gpu.embed(x)
+    assert a.dtype == torch.float32 and a.device.type == "cuda"
+    assert torch.equal(a, b)
+    cpu = extractor.embed(x)
+    assert float((a.cpu() - cpu).abs().max() / cpu.abs().max()) < 1e-5  # TF32: ~1e-3, bfloat16: ~1e-2
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu", "cuda:x", "cpu,cuda", ""])
+def test_unknown_device_is_one_clear_error(device):
+    with pytest.raises(po.PadimError, match=r"unknown device .*: use auto, cpu, cuda or cuda:N"):
+        po.Extractor("resnet18", weights=None, resize=64, crop=64, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_cuda_without_a_gpu_is_one_clear_error():
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(po.PadimError, match=f"--device {device} was asked for but no CUDA GPU"):
+            po.Extractor("resnet18", weights=None, resize=64, crop=64, device=device)
+
+
+def test_bad_device_on_the_command_line(tmp_path, image_dir):
+    """A user error (exit 2, one line naming the valid values), not an internal error."""
+    bad = run_cli("fit", image_dir / "a", "--model", tmp_path / "m.zarr", "--weights", "none",
+                  "--device", "tpu", ok=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: unknown device 'tpu': use auto, cpu, cuda or cuda:N (N a GPU index)"
+    if not torch.cuda.is_available():
+        bad = run_cli("fit", image_dir / "a", "--model", tmp_path / "m.zarr", "--weights", "none",
+                      "--device", "cuda", ok=False)
+        assert bad.returncode == 2
+        assert bad.stderr.strip().splitlines() == [
+            "error: --device cuda was asked for but no CUDA GPU is available (use cpu or auto)"]
+    assert not (tmp_path / "m.zarr").exists()
+
+
+def test_presets_name_the_papers_v1_weights():
+    """The paper's configurations use torchvision's original ImageNet weights (V1), while
+    `--weights default` stays torchvision's current default (V2 for wide_resnet50_2)."""
+    from torchvision.models import Wide_ResNet50_2_Weights
+
+    from padim_ooc.backbones import torchvision_weights
+    from padim_ooc.presets import preset, resolve
+
+    assert torchvision_weights("wide_resnet50_2", preset("wr50-rd550")["weights"]) is \
+        Wide_ResNet50_2_Weights.IMAGENET1K_V1
+    assert torchvision_weights("resnet18", resolve("r18-rd100")["weights"]) is ResNet18_Weights.IMAGENET1K_V1
+    assert torchvision_weights("wide_resnet50_2", "default") is Wide_ResNet50_2_Weights.IMAGENET1K_V2
+    assert resolve(None)["weights"] == "default"
+    assert resolve("wr50-rd550", weights="none")["weights"] == "none"  # given explicitly: overrides
+    assert torchvision_weights("resnet18", "torchvision:IMAGENET1K_V1") is ResNet18_Weights.IMAGENET1K_V1
+    with pytest.raises(po.PadimError, match=r"unknown weights .*IMAGENET1K_V3.* one of IMAGENET1K_V1"):
+        torchvision_weights("resnet18", "torchvision:ResNet18_Weights.IMAGENET1K_V3")
+    with pytest.raises(po.PadimError, match="unknown weights 'torchvision:ResNet50_Weights.IMAGENET1K_V1'"):
+        po.Extractor("resnet18", weights="torchvision:ResNet50_Weights.IMAGENET1K_V1", resize=64, crop=64)
 
 
 @pytest.mark.parametrize("crop", [64, 100])
