@@ -12,8 +12,9 @@ was being read and deleted the old one. Three checks catch it:
   raises instead of reading as zeros;
 - :func:`read_array`, after reading: the root still points at the array's group.
 
-Also here: chunk-wise writes, flushing to the disk, the test hook
-:func:`pause_point`, and local paths made absolute (:func:`shared_path`).
+Also here: chunk-wise writes, flushing to the disk, removing leftovers from a
+local store folder, the test hook :func:`pause_point`, and local paths made
+absolute (:func:`shared_path`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import time
 from typing import Any
 
@@ -246,3 +248,38 @@ def sync_tree(top: str) -> None:
         fsync(folder)
     if os.path.isdir(top):
         fsync(os.path.dirname(top))
+
+
+def remove_leftovers(root: str, live: set, ledger_keep: set) -> None:
+    """In the local store ``root``, remove what the root attributes do not point at:
+    ``state-*``/``final-*`` folders not in ``live``, ledger segments not in
+    ``ledger_keep``, temporary ``*.partial`` files (by listing: also half-deleted groups)."""
+    for key in os.listdir(root):
+        full = os.path.join(root, key)
+        if key.endswith(".partial") and os.path.isfile(full):
+            os.unlink(full)
+        elif key.startswith(("state-", "final-")) and key not in live and os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+    ledger_dir = os.path.join(root, "ledger")
+    if os.path.isdir(ledger_dir):
+        for key in os.listdir(ledger_dir):
+            full = os.path.join(ledger_dir, key)
+            if key.endswith(".partial") and os.path.isfile(full):
+                os.unlink(full)
+            elif key != "zarr.json" and key not in ledger_keep and os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
+
+
+def empty_folder(root: str, keep: set) -> None:
+    """Remove everything in the folder ``root`` but the names in ``keep`` (best effort)."""
+    for key in os.listdir(root):
+        full = os.path.join(root, key)
+        if key in keep:
+            continue
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            try:
+                os.unlink(full)
+            except OSError:
+                pass

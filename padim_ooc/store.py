@@ -32,8 +32,8 @@ import zarr
 
 from . import __version__
 from . import lock
-from .chunks import (ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, check_chunks, fsync, is_url as _is_url, live_names,
-                     open_checked, pause_point, read_array, shared_path, sync_tree, wait_for_zarr_writes,
+from .chunks import (ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, check_chunks, empty_folder, fsync, is_url as _is_url,
+                     live_names, open_checked, remove_leftovers, pause_point, read_array, shared_path, sync_tree, wait_for_zarr_writes,
                      write_array)
 from .errors import PadimError
 from .welford import Moments
@@ -339,28 +339,15 @@ class ModelStore:
             If a write fails (full disk, I/O error): the previous checkpoint
             stays the live one.
         """
-        seq = self.attrs["seq"] + 1
-        state = f"state-{seq:06d}"
-        segment = f"{seq:06d}"
+        state = f"state-{self.attrs['seq'] + 1:06d}"
         cp = self.attrs["chunk_positions"]
         mean = moments.mean.detach().to("cpu", torch.float64).numpy()
         m2 = moments.m2.detach().to("cpu", torch.float64).numpy()
-        ledger = list(self.attrs["ledger"])
         digests = np.frombuffer(b"".join(new_digests), dtype=np.uint8).reshape(-1, 16)
-        old = [self.attrs["state"], self.attrs["final"]]
-        with self._switching(state, f"ledger/{segment}"):
+        with self._switching(state):
             self._new_array(f"{state}/mean", mean, mean.shape, "float64", cp)
             self._new_array(f"{state}/m2", m2, m2.shape, "float64", cp)
-            if len(digests):
-                self._new_array(f"ledger/{segment}", digests, digests.shape, "uint8", 1 << 20)
-                ledger.append(segment)
-            self._sync(state, f"ledger/{segment}")
-            pause_point("checkpoint-written")
-            self._write_attrs(seq=seq, state=state, ledger=ledger, n_images=int(moments.n),
-                              finalized=False, final=None)
-        self._sync_root()
-        pause_point("checkpoint-switched")
-        self._remove(old)
+        self.commit_state(state, int(moments.n), digests)
 
     def begin_state(self) -> tuple[str, zarr.Array, zarr.Array]:
         """Create the empty arrays of the next state, to be filled chunk by chunk.
@@ -437,17 +424,7 @@ class ModelStore:
         """
         if _is_url(self.path) or self.attrs["state"] is not None or self.n_images:
             return
-        for key in os.listdir(self.path):
-            full = os.path.join(self.path, key)
-            if key == lock.LOCK_NAME:
-                continue
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(full)
-                except OSError:
-                    pass
+        empty_folder(self.path, keep={lock.LOCK_NAME})
 
     def _remove(self, names: Iterable[str | None]) -> None:
         try:
@@ -463,21 +440,7 @@ class ModelStore:
         live = {self.attrs["state"], self.attrs["final"]}
         keep = set(self.attrs["ledger"])
         if not _is_url(self.path):  # by listing the folders: also catches half-deleted groups
-            root = self.path
-            for key in os.listdir(root):
-                full = os.path.join(root, key)
-                if key.endswith(".partial") and os.path.isfile(full):
-                    os.unlink(full)
-                elif key.startswith(("state-", "final-")) and key not in live and os.path.isdir(full):
-                    shutil.rmtree(full, ignore_errors=True)
-            ledger_dir = os.path.join(root, "ledger")
-            if os.path.isdir(ledger_dir):
-                for key in os.listdir(ledger_dir):
-                    full = os.path.join(ledger_dir, key)
-                    if key.endswith(".partial") and os.path.isfile(full):
-                        os.unlink(full)
-                    elif key != "zarr.json" and key not in keep and os.path.isdir(full):
-                        shutil.rmtree(full, ignore_errors=True)
+            remove_leftovers(self.path, live, keep)
             return
         with warnings.catch_warnings():  # zarr warns about files that are no Zarr node
             warnings.filterwarnings("ignore", message="Object at .* is not recognized")
