@@ -1,11 +1,13 @@
 """Crash safety: `padim-ooc fit` killed with SIGKILL at many moments, and failed writes.
 
-The fit runs as a real subprocess on 200 small images and is killed (SIGKILL)
-at chosen moments inside a checkpoint (the store's ``PADIM_OOC_PAUSE_AT`` test
-hook stops it there, then the test kills it) and at random moments; after
-every kill the store must open, hold a whole checkpoint and a ledger that
-matches it, and the next run resumes. At the end the statistics must equal an
-uninterrupted run's.
+The fit runs as a real subprocess on 200 small images and is killed (SIGKILL;
+also SIGTERM and Ctrl-C) at chosen moments inside a checkpoint (the store's
+``PADIM_OOC_PAUSE_AT`` test hook stops it there, then the test kills it) and
+at random moments (seeded; see :func:`crash_and_resume`); after every kill
+the store must open, hold a whole checkpoint and a ledger that matches it, and
+the next run resumes. At the end the statistics must equal an uninterrupted
+run's. A failure's message lists every kill: the moment, the random draws,
+the image counts before and after.
 
 Why bit-equality can be asked for: CPU convolution results depend slightly
 (~1e-6) on the batch composition. Every run here uses ``--batch-size 5`` and
@@ -50,8 +52,12 @@ from conftest import CLI, write_images
 from test_store import CONFIG, moments
 
 N_IMAGES = 200
+EVERY = 10  # checkpoint interval (images): 20 checkpoints in a whole run
 FIT_ARGS = ["--weights", "none", "--resize", "32", "--crop", "32", "--batch-size", "5",
-            "--checkpoint-every", "10", "--loader-workers", "0", "-q"]
+            "--checkpoint-every", str(EVERY), "--loader-workers", "0", "-q"]
+# chunk writes per checkpoint: mean, m2 (one chunk each at this size) and the ledger segment
+CHUNKS_PER_CHECKPOINT = 3
+SIGNALS = {"": signal.SIGKILL, "sigterm@": signal.SIGTERM, "ctrl-c@": signal.SIGINT}
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +69,31 @@ def crash_images(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(crash_images, tmp_path_factory):
-    """An uninterrupted run: (model path, seconds it worked once it held the store's lock)."""
+    """An uninterrupted run: (model path, its timeline).
+
+    The timeline: seconds from taking the store's lock to the first checkpoint
+    (``startup``), and between two checkpoints (``interval``); random kill
+    moments are drawn in these windows.
+    """
     model = tmp_path_factory.mktemp("ref") / "ref.zarr"
     proc = start_fit(crash_images, model)
-    wait_for_lock(model, proc)
-    t0 = time.monotonic()
-    _, err = proc.communicate(timeout=600)
+    try:
+        wait_for_lock(model, proc)
+        t_lock, seen = time.monotonic(), {}
+        while proc.poll() is None:
+            n = store_count(model)
+            if n and n not in seen:
+                seen[n] = time.monotonic()
+            time.sleep(0.002)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        stop(proc)
     assert proc.returncode == 0, err
-    return model, time.monotonic() - t0
+    first, last = min(seen), max(seen)
+    assert last == N_IMAGES
+    timeline = {"startup": seen[first] - t_lock,
+                "interval": (seen[last] - seen[first]) / max(1, (last - first) // EVERY)}
+    return model, timeline
 
 
 def file_digests(folder: Path) -> set[bytes]:
@@ -84,7 +107,7 @@ def check_after_kill(model: Path) -> int:
     n = st.n_images
     digests = st.ledger_digests()
     assert len(digests) == n and len({bytes(d) for d in digests}) == n  # no image twice
-    assert n % 10 == 0  # always a whole checkpoint
+    assert n % EVERY == 0  # always a whole checkpoint
     if n:
         mean, m2 = st.mean_array()[...], st.m2_array()[...]
         assert np.isfinite(mean).all() and np.isfinite(m2).all()
@@ -102,6 +125,14 @@ def lock_holder(model: Path) -> int | None:
         return None
 
 
+def store_count(model: Path) -> int | None:
+    """``n_images`` of the live checkpoint, read from the root ``zarr.json`` (replaced atomically)."""
+    try:
+        return json.loads((model / "zarr.json").read_text())["attributes"]["padim_ooc"]["n_images"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
 def start_fit(images: Path, model: Path, marker: Path | None = None, pause: str | None = None):
     env = dict(os.environ)
     env.pop("PADIM_OOC_PAUSE_AT", None)
@@ -111,114 +142,169 @@ def start_fit(images: Path, model: Path, marker: Path | None = None, pause: str 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+def stop(proc) -> None:
+    """Leave nothing running (after a failed assertion the fit may sit at a pause point)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate(timeout=60)
+
+
 def wait_for(marker: Path, proc, timeout=300.0) -> str:
+    """Until the fit stops at its pause point; what it wrote there (``point:n pid=P``)."""
     deadline = time.monotonic() + timeout
-    while not marker.exists():
+    while True:  # the marker's line is complete once it ends with a newline
+        try:
+            text = marker.read_text()
+            if text.endswith("\n"):
+                return text
+        except FileNotFoundError:
+            pass
         if proc.poll() is not None:
             raise AssertionError(f"the fit ended (rc {proc.returncode}) before the pause: {proc.stderr.read()}")
         assert time.monotonic() < deadline, "the fit never reached the pause point"
-        time.sleep(0.02)
-    time.sleep(0.05)
-    return marker.read_text()
+        time.sleep(0.01)
 
 
 def wait_for_lock(model: Path, proc, timeout=300.0) -> None:
     """Until ``proc`` holds the store's lock: it has started working on the store."""
     deadline = time.monotonic() + timeout
-    while lock_holder(model) != proc.pid and proc.poll() is None:
+    while lock_holder(model) != proc.pid:
+        assert proc.poll() is None, f"the fit ended (rc {proc.returncode}) before it took the lock"
         assert time.monotonic() < deadline, "the fit never took the lock"
-        time.sleep(0.02)
+        time.sleep(0.005)
 
 
-def kill(proc, sig=signal.SIGKILL) -> tuple[bool, str]:
-    """Send ``sig``; (whether it was still running, its stderr)."""
-    running = proc.poll() is None
-    if running:
-        proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    return running, err
+def wait_for_count(model: Path, proc, count: int, timeout=300.0) -> None:
+    """Until the store's live checkpoint holds ``count`` images."""
+    deadline = time.monotonic() + timeout
+    while (store_count(model) or 0) < count:
+        assert proc.poll() is None, f"the fit ended (rc {proc.returncode}) before {count} images"
+        assert time.monotonic() < deadline, f"the fit never reached {count} images"
+        time.sleep(0.002)
+
+
+def checkpoints_used(moment: str) -> int:
+    """How many checkpoints a pause moment lets the killed run complete (its progress)."""
+    point, _, nth = moment.split("@")[-1].partition(":")
+    n = int(nth or 1)
+    return {"checkpoint-written": n - 1, "checkpoint-switched": n,
+            "chunk": (n - 1) // CHUNKS_PER_CHECKPOINT}.get(point, 0)
 
 
 def crash_and_resume(tmp_path, crash_images, reference, moments, seed):
     """Kill a fit at each moment in turn, resume each time; compare with the uninterrupted run.
 
-    ``moments``: pause points (``point:n``, SIGKILL there; ``ctrl-c@point:n``, SIGINT there)
-    or ``random`` (SIGKILL after a random delay once the fit holds the store's lock).
+    ``moments``: pause points (``point:n``: SIGKILL there; ``sigterm@point:n``:
+    SIGTERM; ``ctrl-c@point:n``: SIGINT) or ``random``: SIGKILL at a random
+    moment, drawn from ``random.Random(seed)``: once the fit holds the lock, it
+    waits for ``k`` more checkpoints (``k`` uniform in what the later moments
+    leave of the run, so the random kills spread over the whole run), then a
+    uniform fraction of the next window (the startup after the lock when
+    ``k == 0``, else one checkpoint interval, as timed in the uninterrupted run).
+    Progress, not a clock, places the window, so a loaded machine moves no kill
+    past the end of the run. Returns the trail: one dict per kill.
     """
-    ref_model, work_seconds = reference
+    ref_model, timeline = reference
     model = tmp_path / "m.zarr"
     rng = random.Random(seed)
-    plan = [("random", None) if m == "random" else ("pause", m) for m in moments]
-    killed, counts, refused = [], [], False
-    for i, (kind, pause) in enumerate(plan):
-        marker = tmp_path / f"paused-{i}"
-        stale = lock_holder(model)
-        sig = signal.SIGKILL
-        if pause and pause.startswith("ctrl-c@"):
-            sig, pause = signal.SIGINT, pause.split("@", 1)[1]
-        proc = start_fit(crash_images, model, marker, pause)
-        if kind == "pause":
-            where = wait_for(marker, proc)
-            assert where.startswith(pause.split(":")[0])
-            if not refused:  # while it is stopped mid-checkpoint: a second writer is refused, naming it
-                res = CliRunner().invoke(app, ["fit", str(crash_images), "--model", str(model), *FIT_ARGS])
-                assert res.exit_code == 2, res.output
-                lines = res.stderr.strip().splitlines()
-                assert len(lines) == 1 and lines[0].startswith("error: the model "), res.stderr
-                assert f"pid {proc.pid} on host {socket.gethostname()}, since " in lines[0]
-                refused = True
-        else:  # a random moment of its work (the lock is taken once torch is loaded)
-            wait_for_lock(model, proc)
-            left = 1 - (counts[-1] if counts else 0) / N_IMAGES
-            time.sleep(rng.uniform(0.0, 0.5) * work_seconds * left)
-        running, stderr = kill(proc, sig)
-        assert "Traceback" not in stderr
-        if stale is not None and lock_holder(model) != stale:  # it got as far as the lock
-            assert f"removed a stale lock on {model} left by `padim-ooc fit` (pid {stale}" in stderr
-        if not running:  # a random delay can outlast the run: then it finished
-            assert proc.returncode == 0, stderr
-            break
-        if sig == signal.SIGINT:  # Ctrl-C: one line, exit 130, the lock given back
-            assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "error: interrupted", stderr
-            assert lock_holder(model) is None
-        else:
-            assert proc.returncode == -signal.SIGKILL
-        killed.append(("ctrl-c@" if sig == signal.SIGINT else "") + (pause or "random"))
-        if (model / "zarr.json").exists():
-            counts.append(check_after_kill(model))
-    stale = lock_holder(model)
-    final = subprocess.run([*CLI, "fit", str(crash_images), "--model", str(model), *FIT_ARGS],
-                           capture_output=True, text=True, timeout=600)
-    assert final.returncode == 0, final.stderr
-    assert "Traceback" not in final.stderr
-    if stale is not None:
-        assert f"removed a stale lock on {model} left by `padim-ooc fit` (pid {stale}" in final.stderr
-    out = json.loads(final.stdout)
-    assert out["n_images"] == N_IMAGES and out["finalized"]
+    trail, count, refused = [], 0, False
+    try:
+        for i, moment in enumerate(moments):
+            prefix = next(p for p in ("sigterm@", "ctrl-c@") if moment.startswith(p)) \
+                if "@" in moment else ""
+            sig, pause = SIGNALS[prefix], None if moment == "random" else moment[len(prefix):]
+            step = {"moment": moment, "before": count}
+            trail.append(step)
+            marker = tmp_path / f"paused-{i}"
+            stale = lock_holder(model)
+            proc = start_fit(crash_images, model, marker, pause)
+            try:
+                if pause:
+                    step["at"] = wait_for(marker, proc).split()[0]
+                    assert step["at"] == pause, step
+                    if not refused:  # while it is stopped mid-checkpoint: a second writer is refused, naming it
+                        res = CliRunner().invoke(app, ["fit", str(crash_images), "--model", str(model), *FIT_ARGS])
+                        assert res.exit_code == 2, res.output
+                        lines = res.stderr.strip().splitlines()
+                        assert len(lines) == 1 and lines[0].startswith("error: the model "), res.stderr
+                        assert f"pid {proc.pid} on host {socket.gethostname()}, since " in lines[0]
+                        refused = True
+                else:
+                    later = moments[i + 1:]
+                    reserve = sum(checkpoints_used(m) for m in later) + 3  # and a margin for the last kill
+                    left = (N_IMAGES - count) // EVERY - reserve
+                    k = rng.randrange(0, max(1, left // (1 + later.count("random"))) + 1)
+                    frac = rng.random()
+                    delay = frac * (timeline["startup"] if k == 0 else timeline["interval"])
+                    step.update(k=k, frac=round(frac, 3), delay=round(delay, 4))
+                    wait_for_lock(model, proc)
+                    if k:
+                        wait_for_count(model, proc, count + k * EVERY)
+                    time.sleep(delay)
+                    assert proc.poll() is None, f"the fit ended before the random kill: {step}"
+                proc.send_signal(sig)
+                _, stderr = proc.communicate(timeout=60)
+            finally:
+                stop(proc)
+            step["rc"] = proc.returncode
+            assert "Traceback" not in stderr, stderr
+            if stale is not None:  # it held the lock: so it had removed the one the last kill left
+                assert f"removed a stale lock on {model} left by `padim-ooc fit` (pid {stale}" in stderr, stderr
+            if sig == signal.SIGINT:  # Ctrl-C: one line, exit 130, the lock given back
+                assert proc.returncode == 130, stderr
+                assert stderr.strip().splitlines()[-1] == "error: interrupted", stderr
+                assert lock_holder(model) is None
+            else:  # SIGKILL, and SIGTERM alike: no handler runs, the lock stays for the next run to recover
+                assert proc.returncode == -sig, stderr
+                assert lock_holder(model) == proc.pid
+            if (model / "zarr.json").exists():
+                step["after"] = count = check_after_kill(model)  # the store opens after every kill
+            else:  # killed after taking the lock, before the store was created: nothing else there
+                assert count == 0 and all(n == LOCK_NAME or n.endswith(".partial") for n in os.listdir(model))
+                step["after"] = "not created"
+            assert count >= step["before"], "progress lost across a kill"  # never less than before
 
-    got, ref = ModelStore.open(model), ModelStore.open(ref_model)
-    assert got.n_images == ref.n_images == N_IMAGES
-    digests = got.ledger_digests()
-    assert len(digests) == N_IMAGES and {bytes(d) for d in digests} == file_digests(crash_images)
-    for name in ("mean_array", "m2_array"):
-        a, b = getattr(got, name)()[...], getattr(ref, name)()[...]
-        assert np.abs(a - b).max() <= 1e-12 * np.abs(b).max(), name
-    (pa_mean, pa_prec), (pb_mean, pb_prec) = got.final_arrays(), ref.final_arrays()
-    assert np.array_equal(pa_prec[...], pb_prec[...]) and np.array_equal(pa_mean[...], pb_mean[...])
-    # nothing left behind: one state, one final, the ledger, the attributes
-    left = sorted(os.listdir(model))
-    assert len(left) == 4 and "ledger" in left and "zarr.json" in left, left
-    return killed, counts
+        stale = lock_holder(model)
+        final = subprocess.run([*CLI, "fit", str(crash_images), "--model", str(model), *FIT_ARGS],
+                               capture_output=True, text=True, timeout=600)
+        assert final.returncode == 0, final.stderr
+        assert "Traceback" not in final.stderr
+        if stale is not None:
+            assert f"removed a stale lock on {model} left by `padim-ooc fit` (pid {stale}" in final.stderr
+        out = json.loads(final.stdout)
+        assert out["n_images"] == N_IMAGES and out["finalized"]
+
+        got, ref = ModelStore.open(model), ModelStore.open(ref_model)
+        assert got.n_images == ref.n_images == N_IMAGES
+        digests = got.ledger_digests()
+        assert len(digests) == N_IMAGES and {bytes(d) for d in digests} == file_digests(crash_images)
+        for name in ("mean_array", "m2_array"):
+            a, b = getattr(got, name)()[...], getattr(ref, name)()[...]
+            assert np.abs(a - b).max() <= 1e-12 * np.abs(b).max(), name
+        (pa_mean, pa_prec), (pb_mean, pb_prec) = got.final_arrays(), ref.final_arrays()
+        assert np.array_equal(pa_prec[...], pb_prec[...]) and np.array_equal(pa_mean[...], pb_mean[...])
+        # nothing left behind: one state, one final, the ledger, the attributes
+        left = sorted(os.listdir(model))
+        assert len(left) == 4 and "ledger" in left and "zarr.json" in left, left
+    except AssertionError as err:  # the trail makes a failure reproducible: seed, draws, where each kill landed
+        raise AssertionError(f"{err}\nkill trail (seed {seed}, timeline {timeline}): {trail}") from None
+    return trail
 
 
 def test_killed_fit_resumes_to_the_uninterrupted_statistics(tmp_path, crash_images, reference):
+    """SIGKILL at 3 random moments, during a checkpoint write (written, not switched), between two
+    chunk writes; SIGTERM after a switch; Ctrl-C between chunk writes; resumed after each."""
     t0 = time.monotonic()
-    pauses = ["checkpoint-written:3", "ctrl-c@chunk:2"]
-    killed, counts = crash_and_resume(tmp_path, crash_images, reference, pauses + ["random"], seed=5)
-    assert killed[:2] == pauses and counts[:2] == [20, 20]
-    assert counts == sorted(counts)  # progress is never lost across kills
-    print(f"\ncrash test: {len(killed)} kill points {killed}, counts after kills {counts}, "
-          f"{time.monotonic() - t0:.1f} s (reference worked {reference[1]:.1f} s)")
+    moments = ["random", "checkpoint-written:2", "chunk:4", "random", "sigterm@checkpoint-switched:1",
+               "ctrl-c@chunk:2", "random"]
+    trail = crash_and_resume(tmp_path, crash_images, reference, moments, seed=5)
+    assert [s["moment"] for s in trail] == moments
+    assert sum(s["moment"] == "random" and s["rc"] == -signal.SIGKILL for s in trail) == 3
+    gained = {s["moment"]: s["after"] - s["before"] for s in trail if s["moment"] != "random"}
+    assert gained == {"checkpoint-written:2": 10, "chunk:4": 10, "sigterm@checkpoint-switched:1": 10,
+                      "ctrl-c@chunk:2": 0}, trail
+    print(f"\ncrash test: {len(trail)} kill points, {time.monotonic() - t0:.1f} s "
+          f"(reference timeline {reference[1]}): {trail}")
 
 
 @pytest.mark.slow
@@ -226,12 +312,13 @@ def test_killed_fit_many_times(tmp_path, crash_images, reference):
     t0 = time.monotonic()
     pauses = ["checkpoint-written:1", "checkpoint-written:2", "checkpoint-switched:1",
               "ctrl-c@checkpoint-written:2", "checkpoint-switched:3", "chunk:1", "chunk:2", "chunk:3",
-              "ctrl-c@checkpoint-switched:1", "chunk:5"]
-    # every pause point is reached (each run has work left), then random kills, then one in finalize
-    moments = pauses + ["random"] * 8 + ["final-written:1"]
-    killed, counts = crash_and_resume(tmp_path, crash_images, reference, moments, seed=17)
-    assert killed[:len(pauses)] == pauses
-    print(f"\ncrash test (slow): {len(killed)} kill points, counts {counts}, {time.monotonic() - t0:.1f} s")
+              "sigterm@checkpoint-written:1", "ctrl-c@checkpoint-switched:1", "chunk:5"]
+    # every pause point is reached (each run has work left), random kills between them, one in finalize
+    moments = [m for pair in zip(pauses, ["random"] * 8 + [None] * 3) for m in pair if m] + ["final-written:1"]
+    trail = crash_and_resume(tmp_path, crash_images, reference, moments, seed=17)
+    assert [s["moment"] for s in trail] == moments
+    assert sum(s["moment"] == "random" for s in trail) == 8
+    print(f"\ncrash test (slow): {len(trail)} kill points, {time.monotonic() - t0:.1f} s: {trail}")
 
 
 # ---- failed writes --------------------------------------------------------------------------
