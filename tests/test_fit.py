@@ -60,8 +60,12 @@ def test_incremental_equals_one_shot(tmp_path, image_dir, extractor):
                          for p in list_images([image_dir / "b"])[:6]])
     s1, m1 = one.score(batch)
     s2, m2 = two.score(batch)
-    np.testing.assert_allclose(s2, s1, rtol=1e-5)
-    np.testing.assert_allclose(m2, m1, rtol=1e-4, atol=1e-4)
+    # Not bit for bit: the float64 statistics agree to ~1e-15 (the merges run in another order),
+    # so a few entries of the stored float32 mean and precision round the other way (measured:
+    # 4 of 25,600 and 2 of 2,560,000), and over all 40 images 15 map pixels of 163,840 differ by
+    # one float32 rounding (8e-8 relative). So: a few float32 roundings, 1e-6 relative.
+    np.testing.assert_allclose(s2, s1, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(m2, m1, rtol=0, atol=1e-6 * float(np.abs(m1).max()))
 
 
 def test_refit_same_images_adds_nothing(tmp_path, image_dir, extractor):
