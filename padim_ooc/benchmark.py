@@ -22,10 +22,13 @@ from .errors import PadimError
 from .evaluate import evaluate
 from .extractor import Extractor
 from .layouts import find_classes, find_layout
-from .presets import PAPER_MVTEC_MEAN
+from .presets import PAPER_MVTEC_MEAN, PRESETS
 
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 HEADERS = ("image AUROC", "pixel AUROC", "PRO")
+MVTEC_CLASSES = 15  # the paper's means are over the 15 MVTec AD classes
+NO_PAPER_NUMBERS = {"lite0": "The paper published no EfficientNet-Lite0 results (its EfficientNet "
+                             "row is B5, image AUROC 97.9 only): nothing to compare with."}
 
 
 def benchmark_mvtec(root: str | os.PathLike, out: str | os.PathLike, extractor: Extractor, *,
@@ -49,8 +52,11 @@ def benchmark_mvtec(root: str | os.PathLike, out: str | os.PathLike, extractor: 
     -------
     dict
         ``rows`` (one dict per class: class, metrics in [0, 1], counts, seconds),
-        ``mean`` (metrics averaged over the classes that have them), ``paper``
-        (the published means in percent, or None), ``preset``, ``model``.
+        ``mean`` (metrics averaged over the classes that have them),
+        ``mean_counts`` (how many classes each mean is over), ``paper`` (the
+        published means in percent, or None), ``preset``, ``overrides``
+        (how the model differs from the preset: the paper's numbers are
+        then for another configuration), ``model``.
     """
     folders = find_classes(root)
     if classes:
@@ -75,14 +81,38 @@ def benchmark_mvtec(root: str | os.PathLike, out: str | os.PathLike, extractor: 
         rows.append(row)
         if on_class is not None:
             on_class(row)
-    mean = {}
+    mean, counts = {}, {}
     for k in METRICS:
         vals = [r[k] for r in rows if r[k] is not None]
-        mean[k] = float(np.mean(vals)) if vals else None
+        mean[k], counts[k] = (float(np.mean(vals)) if vals else None), len(vals)
     result = {"root": os.fsdecode(root), "preset": preset, "model": extractor.config() | {"channels": None},
-              "rows": rows, "mean": mean, "paper": PAPER_MVTEC_MEAN.get(preset) if preset else None}
+              "rows": rows, "mean": mean, "mean_counts": counts,
+              "paper": PAPER_MVTEC_MEAN.get(preset) if preset else None,
+              "overrides": overrides(extractor, preset) if preset else []}
     write_table(result, out)
     return result
+
+
+def overrides(extractor: Extractor, preset: str) -> list[str]:
+    """How ``extractor`` differs from ``preset`` (empty: the paper's configuration)."""
+    want = PRESETS.get(preset)
+    if want is None:
+        return []
+    out = []
+    if extractor.backbone != want["backbone"]:
+        out.append(f"backbone {extractor.backbone} (paper {want['backbone']})")
+    paper_dims = want["dims"] or sum(extractor.layer_channels)
+    if extractor.dims != paper_dims:
+        out.append(f"{extractor.dims} channels (paper {paper_dims})")
+    for name in ("resize", "crop"):
+        if getattr(extractor.preprocess, name) != want[name]:
+            out.append(f"{name} {getattr(extractor.preprocess, name)} (paper {want[name]})")
+    wid = extractor.weights_id
+    if wid.startswith("random:"):
+        out.append("random weights (paper: ImageNet)")
+    elif wid.startswith("file:") and want["backbone"] != "efficientnet_lite0":
+        out.append("weights from a file (paper: ImageNet)")
+    return out
 
 
 def _pct(value) -> str:
@@ -90,26 +120,45 @@ def _pct(value) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    """The benchmark as a Markdown table, in percent like the paper."""
+    """The benchmark as a Markdown table in percent like the paper, with notes below it."""
+    rows, n = result["rows"], len(result["rows"])
+    counts = result.get("mean_counts") or {k: n for k in METRICS}
     lines = ["| class | " + " | ".join(HEADERS) + " | train | test | fit s | evaluate s |",
              "| --- | " + " | ".join("---:" for _ in HEADERS) + " | ---: | ---: | ---: | ---: |"]
-    for r in result["rows"]:
+    for r in rows:
         lines.append(f"| {r['class']} | " + " | ".join(_pct(r[k]) for k in METRICS)
                      + f" | {r['n_train']} | {r['n_test']} | {r['fit_s']:.1f} | {r['evaluate_s']:.1f} |")
-    lines.append(f"| **mean ({len(result['rows'])} classes)** | "
-                 + " | ".join(_pct(result["mean"][k]) for k in METRICS) + " | | | | |")
-    paper = result.get("paper")
-    if result.get("preset"):
-        if paper and any(v is not None for v in paper.values()):
-            cells = " | ".join("-" if paper[k] is None else f"{paper[k]:.1f}" for k in METRICS)
-        else:
-            cells = " | ".join("-" for _ in METRICS)
-        lines.append(f"| paper, PaDiM {result['preset']} (MVTec AD mean, 15 classes) | {cells} | | | | |")
-    return "\n".join(lines)
+    cells = [_pct(result["mean"][k]) + ("" if counts[k] in (0, n) else f" ({counts[k]} of {n})")
+             for k in METRICS]
+    lines.append(f"| **mean of {n} class{'es' if n != 1 else ''}** | " + " | ".join(cells) + " | | | | |")
+    paper, preset = result.get("paper"), result.get("preset")
+    notes = []
+    if preset:
+        cells = " | ".join("-" if not paper or paper[k] is None else f"{paper[k]:.1f}" for k in METRICS)
+        lines.append(f"| paper, PaDiM {preset}: mean of the {MVTEC_CLASSES} MVTec AD classes | {cells} | | | | |")
+        if n < MVTEC_CLASSES:
+            notes.append(f"Our mean is over {n} of the {MVTEC_CLASSES} MVTec AD classes, the paper's over all "
+                         f"{MVTEC_CLASSES}: not directly comparable.")
+        if result.get("overrides"):
+            notes.append(f"Not the paper's configuration for {preset}: " + "; ".join(result["overrides"])
+                         + ". The paper's row is for another model.")
+        if preset in NO_PAPER_NUMBERS:
+            notes.append(NO_PAPER_NUMBERS[preset])
+        elif paper and any(paper[k] is None for k in METRICS):
+            notes.append("-: the paper gives no number for this metric and configuration.")
+    partial = [f"{HEADERS[i]} over {counts[k]}" for i, k in enumerate(METRICS) if 0 < counts[k] < n]
+    if partial:
+        notes.append("Only classes with ground-truth masks have pixel metrics: the mean "
+                     + ", ".join(partial) + f" of the {n} classes.")
+    return "\n".join(lines + ([""] + [f"- {note}" for note in notes] if notes else []))
+
+
+def _round(value, digits: int = 6):
+    return "" if value is None else round(float(value), digits)
 
 
 def write_table(result: dict, out: Path) -> None:
-    """benchmark.md, benchmark.csv and benchmark.json in ``out``."""
+    """benchmark.md, benchmark.csv (metrics in [0, 1], 6 decimals) and benchmark.json in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.md").write_text(markdown_table(result) + "\n", encoding="utf-8")
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -117,11 +166,13 @@ def write_table(result: dict, out: Path) -> None:
         w = csv.writer(f)
         w.writerow(["class", *METRICS, "n_train", "n_test", "fit_s", "evaluate_s"])
         for r in result["rows"]:
-            w.writerow([r["class"], *("" if r[k] is None else r[k] for k in METRICS),
+            w.writerow([r["class"], *(_round(r[k]) for k in METRICS),
                         r["n_train"], r["n_test"], r["fit_s"], r["evaluate_s"]])
-        w.writerow(["mean", *("" if result["mean"][k] is None else result["mean"][k] for k in METRICS),
+        counts = result.get("mean_counts", {})
+        w.writerow([f"mean of {len(result['rows'])} classes", *(_round(result["mean"][k]) for k in METRICS),
                     "", "", "", ""])
+        w.writerow(["classes in the mean", *(counts.get(k, "") for k in METRICS), "", "", "", ""])
         if result.get("paper"):
-            w.writerow([f"paper:{result['preset']}",
-                        *("" if result["paper"][k] is None else result["paper"][k] / 100 for k in METRICS),
-                        "", "", "", ""])
+            w.writerow([f"paper:{result['preset']} (mean of {MVTEC_CLASSES} classes)",
+                        *(_round(None if result["paper"][k] is None else result["paper"][k] / 100)
+                          for k in METRICS), "", "", "", ""])

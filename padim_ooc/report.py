@@ -131,7 +131,7 @@ def svg_roc(curves: Sequence[tuple[str, np.ndarray, np.ndarray, str, str]], size
         parts.append(f'<text x="{m - 6}" y="{16 + (1 - t) * w + 4:.1f}" text-anchor="end">{t:g}</text>')
     parts.append(f'<line x1="{m}" y1="{16 + w}" x2="{m + w}" y2="16" stroke="#bbb" stroke-dasharray="4 4"/>')
     parts.append(f'<text x="{m + w / 2}" y="{size - 8}" text-anchor="middle">false-positive rate '
-                 '(good flagged)</text>')
+                 '(normal flagged)</text>')
     parts.append(f'<text transform="translate(14,{16 + w / 2}) rotate(-90)" text-anchor="middle">'
                  'true-positive rate (defects found)</text>')
     for k, (label, fpr, tpr, colour, dash) in enumerate(curves):
@@ -222,9 +222,10 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def _card(title: str, value, text: str) -> str:
+def _card(title: str, value, text: str, chance: str) -> str:
     return (f'<div class="card"><div>{html.escape(title)}</div><div class="v">{_fmt(value)}</div>'
-            f'<div class="n">{text}</div></div>')
+            f'<div class="n">{text}</div><div class="n"><b>1.0</b> is perfect; <b>{chance}</b> is what '
+            f'random scores get.</div></div>')
 
 
 def write_report(out_dir: str | os.PathLike, metrics: dict, *, scores: np.ndarray, labels: np.ndarray,
@@ -264,8 +265,8 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, scores: np.ndarra
     body.append('<p class="note">Every image gets an <b>anomaly map</b> (how unusual each spot looks '
                 'compared with the normal training images) and an <b>image score</b> (the highest value '
                 'of its map). Higher means more likely defective. The numbers below say how well these '
-                'scores separate the good test images from the defective ones; 1.0 is perfect, 0.5 is '
-                'no better than chance.</p>')
+                'scores separate the good test images from the defective ones; 1.0 is perfect, and each '
+                'card says what random scores would get (0.5 for an AUROC, 0.15 for PRO).</p>')
     pix_text = ("Same question pixel by pixel: does a defect pixel (from the ground-truth masks) score "
                 "higher than a normal pixel?" if metrics.get("pixel_auroc") is not None
                 else "Not computed: this data set has no ground-truth masks.")
@@ -276,9 +277,9 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, scores: np.ndarra
     img_text = "Image AUROC: the chance that a defective image scores higher than a good one"
     if auc is not None:
         img_text += f" (here {100 * auc:.1f} % of all pairs)."
-    body.append('<div class="cards">' + _card("Image AUROC", auc, img_text)
-                + _card("Pixel AUROC", metrics.get("pixel_auroc"), pix_text)
-                + _card("PRO (up to 30 % FPR)", metrics.get("pro"), pro_text) + "</div>")
+    body.append('<div class="cards">' + _card("Image AUROC", auc, img_text, "0.5")
+                + _card("Pixel AUROC", metrics.get("pixel_auroc"), pix_text, "0.5")
+                + _card("PRO (up to 30 % FPR)", metrics.get("pro"), pro_text, "0.15") + "</div>")
 
     th = metrics.get("threshold") or {}
     body.append("<h2>Results per defect type</h2>")
@@ -301,12 +302,15 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, scores: np.ndarra
 
     curves = [("images", image_roc[0], image_roc[1], "#1f77b4", "")]
     if pixel_roc is not None:
-        curves.append(("pixels", pixel_roc[0], pixel_roc[1], "#2ca02c", "6 3"))
+        curves.append(("pixels (dashed)", pixel_roc[0], pixel_roc[1], "#2ca02c", "6 3"))
     body.append("<h2>How the scores separate good from defective</h2><div class='charts'>")
-    body.append(f"<figure>{svg_roc(curves)}<figcaption>ROC curve: each point is one threshold; "
-                "left-to-right, more good images are flagged (x) and more defects are found (y). "
-                "A perfect detector goes straight up to the top-left corner; the dashed diagonal is "
-                "chance.</figcaption></figure>")
+    pixel_text = (" The green dashed curve counts <b>pixels</b> instead: x is the share of normal "
+                  "pixels (outside the ground-truth masks) at or above a threshold, y the share of "
+                  "defect pixels." if pixel_roc is not None else "")
+    body.append(f"<figure>{svg_roc(curves)}<figcaption>ROC curve: each point is one threshold. "
+                "The blue curve counts <b>images</b>: left to right, more good images are flagged (x) "
+                f"and more defective images are found (y).{pixel_text} A perfect detector goes straight "
+                "up to the top-left corner; the grey diagonal is chance.</figcaption></figure>")
     body.append(f"<figure>{svg_histogram(scores, labels, threshold)}<figcaption>Image scores of good "
                 "(blue) and defective (orange) test images. The less the two overlap, the easier it "
                 "is to set a threshold.</figcaption></figure></div>")
@@ -338,10 +342,11 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, scores: np.ndarra
     t = metrics.get("timings", {})
     pm = metrics.get("pixel_metrics") or {}
     body.append("<h2>Details</h2><p class='sub'>")
-    body.append(f"Scored {metrics['n_images']} images in {t.get('score_s', 0):.1f} s "
+    fitted = f"Fitted in {t['fit_s']:.1f} s. " if t.get("fit_s") is not None else ""
+    body.append(fitted + f"Scored {metrics['n_images']} images in {t.get('score_s', 0):.1f} s "
                 f"({t.get('images_per_s', 0):.1f} images/s). "
-                + (f"Pixel metrics: {pm.get('method')}, over {pm.get('n_pixels', 0):,} pixels "
-                   f"({pm.get('n_regions', 0)} defect regions). " if pm else "")
+                + (f"Pixel metrics: {html.escape(str(pm.get('detail') or pm.get('method')))}; "
+                   f"{pm.get('n_regions', 0)} defect regions. " if pm else "")
                 + "All numbers are in <code>metrics.json</code>, every image score in "
                   "<code>scores.csv</code>.</p>")
     page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -69,7 +69,7 @@ def test_metrics_equal_independent_computations(case):
     assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert m["pixel_metrics"]["method"] == "exact"
     assert m["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9)
-    assert m["pro"] == pytest.approx(exact_pro(masks, maps), abs=1e-4)
+    assert m["pro"] == pytest.approx(exact_pro(masks, maps), abs=1e-12)  # exact: every score a threshold
     assert m["pixel_metrics"]["n_pixels"] == masks.size
     assert m["pixel_metrics"]["n_defect_pixels"] == int(masks.sum())
     assert 0.5 < m["pixel_auroc"] < 1.0 and 0.0 < m["pro"] < 1.0  # a real, imperfect signal
@@ -164,6 +164,33 @@ def test_outputs_and_report(case, tmp_path):
     assert [e.score for e in top] == sorted(scores, reverse=True)[:2]
 
 
+def test_report_panels_show_the_right_image_map_and_mask(case, tmp_path):
+    """Each example strip shows the map and the mask of the image its caption names:
+    checked against model.score's map and the independently resized mask."""
+    from scipy.stats import spearmanr
+
+    root, model, layout, scores, maps, masks, labels = case
+    ev = evaluate(model, root, batch_size=8, loader_workers=0, examples=1)
+    page = ev.write(tmp_path / "out").read_text()
+    index = {"/".join(it.path.parts[-3:]): i for i, it in enumerate(layout.test)}
+    shown = re.findall(r'<code>([^<]+)</code></div><div class="heads"[^>]*>.*?<img src="([^"]+)"', page)
+    assert {src for _, src in shown} == {"top-01.png", "bottom-01.png", "false-alarm-01.png", "miss-01.png"}
+    for rel, src in shown:
+        i = index[rel]
+        strip = np.asarray(Image.open(tmp_path / "out" / src).convert("RGB")).astype(int)
+        view, heat, _, truth = (strip[:, k * 70:k * 70 + 64] for k in range(4))  # 64 px + 6 px gap
+        brightness = heat.sum(axis=2).ravel()  # the colour scale brightens monotonically
+        assert spearmanr(brightness, maps[i].ravel())[0] > 0.99, src
+        others = [spearmanr(brightness, maps[j].ravel())[0] for j in range(len(maps)) if j != i]
+        assert max(others) < 0.9, src  # and it is not another image's map
+        np.testing.assert_array_equal((truth != view).any(axis=2), masks[i])  # red exactly on the mask
+    top = [i for rel, src in shown if src == "top-01.png" for i in [index[rel]]][0]
+    assert top == int(np.argmax(scores)) and masks[top].any()
+    ex = ev.sections[0][3][0]
+    np.testing.assert_allclose(ex.amap, maps[top], rtol=1e-5)
+    np.testing.assert_array_equal(ex.mask, masks[top])
+
+
 def test_image_only_layout(tmp_path, extractor, case):
     model = case[1]
     from conftest import write_images
@@ -205,9 +232,22 @@ def test_cli_benchmark(tmp_path, extractor):
     out = tmp_path / "bench"
     proc = run("benchmark", "mvtec", tmp_path / "mv", "--out", out, "--preset", "r18-rd100", *SMALL)
     table = proc.stdout
-    assert "| bottle |" in table and "| cable |" in table and "mean (2 classes)" in table
-    assert re.search(r"paper, PaDiM r18-rd100 .*\| - \| 96\.7 \| 91\.7 \|", table)
+    assert "| bottle |" in table and "| cable |" in table
     res = json.loads((out / "benchmark.json").read_text())
+    # the mean row says how many classes each mean is over (cable has no masks)
+    mean_row = next(line for line in table.splitlines() if line.startswith("| **mean of 2 classes** |"))
+    cells = [c.strip() for c in mean_row.split("|")[2:5]]
+    assert cells == [f"{100 * res['mean']['image_auroc']:.1f}", f"{100 * res['mean']['pixel_auroc']:.1f} (1 of 2)",
+                     f"{100 * res['mean']['pro']:.1f} (1 of 2)"]
+    assert re.search(r"\| paper, PaDiM r18-rd100: mean of the 15 MVTec AD classes \| - \| 96\.7 \| 91\.7 \|", table)
+    assert "over 2 of the 15 MVTec AD classes" in table
+    assert ("Not the paper's configuration for r18-rd100: resize 72 (paper 256); crop 64 (paper 224); "
+            "random weights (paper: ImageNet).") in table
+    with open(out / "benchmark.csv", newline="") as f:
+        csv_rows = {r[0]: r[1:] for r in csv.reader(f)}
+    assert csv_rows["paper:r18-rd100 (mean of 15 classes)"][:3] == ["", "0.967", "0.917"]  # no float noise
+    assert csv_rows["classes in the mean"][:3] == ["2", "1", "1"]
+    assert all(len(v.split(".")[-1]) <= 6 for v in csv_rows["mean of 2 classes"][:3])
     per = {c: json.loads((out / c / "metrics.json").read_text()) for c in ("bottle", "cable")}
     for row in res["rows"]:
         for k in ("image_auroc", "pixel_auroc", "pro"):
@@ -223,3 +263,17 @@ def test_cli_benchmark(tmp_path, extractor):
     assert again["rows"][0]["n_train"] == 12 and again["rows"][0]["image_auroc"] == per["bottle"]["image_auroc"]
     with pytest.raises(PadimError, match="class 'nut' not found"):
         benchmark_mvtec(tmp_path / "mv", out, extractor, classes=["nut"])
+
+
+def test_benchmark_table_notes_without_a_run():
+    from padim_ooc.benchmark import markdown_table
+
+    row = {"class": "bottle", "image_auroc": 0.9, "pixel_auroc": 0.95, "pro": 0.8, "n_train": 5, "n_test": 4,
+           "fit_s": 1.0, "evaluate_s": 1.0}
+    base = {"rows": [row], "mean": {k: row[k] for k in ("image_auroc", "pixel_auroc", "pro")},
+            "mean_counts": {"image_auroc": 1, "pixel_auroc": 1, "pro": 1}, "overrides": []}
+    lite = markdown_table(base | {"preset": "lite0", "paper": {"image_auroc": None, "pixel_auroc": None,
+                                                                "pro": None}})
+    assert "| paper, PaDiM lite0: mean of the 15 MVTec AD classes | - | - | - |" in lite
+    assert "no EfficientNet-Lite0 results" in lite and "Not the paper's configuration" not in lite
+    assert "| **mean of 1 class** | 90.0 | 95.0 | 80.0 |" in lite
