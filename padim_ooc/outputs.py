@@ -12,14 +12,18 @@ import zarr
 
 from .data import display_path
 from .errors import PadimError
+from .store import _zarr_options
 
 
 class ScoreWriter:
     """Collects (index, score, map) batches and writes them in input order.
 
-    Scores are kept in memory (8 bytes an image) and written at the end;
+    Scores are kept in memory (9 bytes an image) and written at the end;
     maps go to ``out/maps.zarr`` as they arrive, at their input index, and the
-    array is compacted (skipped images removed) when it closes.
+    array is compacted (skipped images removed) when it closes. Closing with
+    no image scored is an error, and a run that fails (an exception inside
+    the ``with`` block, or nothing scored) removes what it wrote: the output
+    folder if it created it, else its ``maps.zarr``.
     """
 
     def __init__(self, out: str | os.PathLike, paths: Sequence[Path], *, crop: int, maps: bool = False):
@@ -30,12 +34,18 @@ class ScoreWriter:
         self.maps = None
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.out)
+            self.created = not self.fs.exists(self.root)
             self.fs.makedirs(self.root, exist_ok=True)
         except (OSError, ValueError, ImportError) as err:
             raise PadimError(f"cannot create the output folder {self.out}: {getattr(err, 'strerror', None) or err}") from None
         if maps:
-            self.maps = zarr.create_array(self.out + "/maps.zarr", shape=(len(self.paths), crop, crop),
-                                          chunks=(1, crop, crop), dtype="float16", overwrite=True)
+            try:
+                self.maps = zarr.create_array(self.out + "/maps.zarr", shape=(len(self.paths), crop, crop),
+                                              chunks=(1, crop, crop), dtype="float16", overwrite=True,
+                                              **_zarr_options(self.out))
+            except BaseException:
+                self.discard()
+                raise
 
     def name(self, i: int) -> str:
         return display_path(self.paths[i])
@@ -58,9 +68,24 @@ class ScoreWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
+        else:
+            self.discard()
         return False
 
+    def discard(self) -> None:
+        """Remove what this writer wrote: the output folder if it made it, else maps.zarr."""
+        target = self.root if self.created else (self.root + "/maps.zarr" if self.maps is not None else None)
+        try:
+            if target is not None and self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
+        except OSError:
+            pass  # the run's own error is the one to report
+
     def close(self) -> None:
+        """Write scores.csv (and compact maps.zarr); an error if no image was scored."""
+        if self.paths and not self.done.any():
+            self.discard()
+            raise PadimError(f"no image could be read: nothing was scored ({len(self.paths)} given)")
         with self.fs.open(self.root + "/scores.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["path", "score"])

@@ -140,3 +140,60 @@ def test_score_writer_to_an_fsspec_url():
     stored = zarr.open_array("memory://padim_out/run1/maps.zarr", mode="r")
     assert stored.shape == (2, 4, 4) and stored.attrs["paths"] == ["a.png", "c.png"]
     np.testing.assert_array_equal(stored[...], maps[[0, 2]].astype(np.float16))
+
+
+def test_score_writer_to_a_file_url(tmp_path):
+    """maps.zarr under a file:// URL: zarr must be told to create its folders (it was an error)."""
+    import zarr
+
+    from padim_ooc.outputs import ScoreWriter
+
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    maps = np.random.default_rng(0).random((2, 4, 4)).astype(np.float32)
+    url = f"file://{tmp_path}/deep/run"
+    with ScoreWriter(url, paths, crop=4, maps=True) as w:
+        w.add([1, 0], np.array([2.0, 1.0]), maps[[1, 0]])
+    assert (tmp_path / "deep/run/scores.csv").read_text().splitlines()[1:] == [f"{paths[0]},1.0", f"{paths[1]},2.0"]
+    stored = zarr.open_array(str(tmp_path / "deep/run/maps.zarr"), mode="r")
+    np.testing.assert_array_equal(stored[...], maps.astype(np.float16))
+
+
+def test_score_cli_every_image_bad_or_on_error_fail(fitted, tmp_path, image_dir):
+    """Nothing scored is an error (as in fit), and a failed run leaves no output folder behind."""
+    from typer.testing import CliRunner
+
+    from padim_ooc.cli import app
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zero.png").write_bytes(b"")
+    (bad / "text.png").write_text("not an image")
+    model = str(fitted.store.path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["score", model, str(bad / "zero.png"), str(bad / "text.png"),
+                                 "--out", str(tmp_path / "o4"), "--device", "cpu", "-q"])
+    assert result.exit_code == 2 and result.stdout == ""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: no image could be read: nothing was scored (2 given)"], result.stderr
+    assert not (tmp_path / "o4").exists()
+    result = runner.invoke(app, ["score", model, str(image_dir / "b"), str(bad), "--out", str(tmp_path / "o2"),
+                                 "--maps", "--on-error", "fail", "--device", "cpu", "--loader-workers", "0", "-q"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: bad image "), result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "o2").exists()
+    # an existing output folder is kept (only what the failed run wrote goes)
+    (tmp_path / "o3").mkdir()
+    (tmp_path / "o3" / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["score", model, str(bad), "--out", str(tmp_path / "o3"), "--maps",
+                                 "--device", "cpu", "-q"])
+    assert result.exit_code == 2 and sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_default_budget_is_capped_by_free_gpu_memory():
+    from padim_ooc.memory import MEMORY_MARGIN, default_budget
+
+    """With --device cuda the accumulator lives on the GPU: the plan's budget fits its free memory."""
+    budget = default_budget("cuda")
+    free, _ = torch.cuda.mem_get_info()
+    assert 0 < budget <= free * MEMORY_MARGIN * 1.01  # 1 %: free memory moves a little between the calls
