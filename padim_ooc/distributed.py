@@ -12,10 +12,19 @@ context manager::
         ...
 
 Every worker gets a plugin that limits torch to one intra-op thread, so N
-worker processes on N cores do not oversubscribe the CPU.
+worker processes on N cores do not oversubscribe the CPU. While a client is
+open, Dask's own INFO messages (cluster start, workers registering, ...) are
+held back: only warnings and errors reach stderr.
+
+On an existing scheduler the client waits for at least one worker: a
+scheduler with none is a clear error after ``PADIM_OOC_WORKER_TIMEOUT``
+seconds (default 60), and an address where nothing answers after
+``PADIM_OOC_CONNECT_TIMEOUT`` seconds (default 10).
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -23,6 +32,19 @@ from typing import Callable, Iterator
 from .errors import PadimError
 
 TORCH_THREADS_PER_WORKER = 1
+# seconds to wait for a scheduler to answer, and for it to have a worker (environment overrides)
+CONNECT_TIMEOUT, CONNECT_TIMEOUT_ENV = 10.0, "PADIM_OOC_CONNECT_TIMEOUT"
+WORKER_TIMEOUT, WORKER_TIMEOUT_ENV = 60.0, "PADIM_OOC_WORKER_TIMEOUT"
+# loggers whose INFO lines (one per worker start, connection, close) are held back while a client is open
+QUIET_LOGGERS = ("distributed", "bokeh", "tornado")
+DASHBOARD_HINT = " (its pages need bokeh: pip install 'padim-ooc[dashboard]')"
+
+
+def _dashboard_hint() -> str:
+    """How to get the dashboard's pages, if bokeh is missing (Dask serves only an error page then)."""
+    import importlib.util
+
+    return "" if importlib.util.find_spec("bokeh") else DASHBOARD_HINT
 
 
 def _plugin_class():
@@ -53,10 +75,67 @@ def _check_args(workers: int | None, scheduler: str | None) -> None:
         raise PadimError(f"--scheduler expects an address like tcp://HOST:8786, got {scheduler!r}")
 
 
+def _seconds(value: float | None, env: str, default: float) -> float:
+    """``value``, else the environment variable ``env``, else ``default`` (seconds > 0)."""
+    if value is not None:
+        return float(value)
+    text = os.environ.get(env)
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise PadimError(f"{env} must be a number of seconds > 0, got {text!r}")
+    return seconds
+
+
+@contextmanager
+def quiet_dask_logs(level: int = logging.WARNING, names: tuple[str, ...] = QUIET_LOGGERS) -> Iterator[None]:
+    """Raise Dask's (and its web stack's) loggers to ``level`` for the block, then restore them.
+
+    distributed logs at INFO by default; when the root logger prints (the
+    command line configures it), that is some thirty lines per cluster run.
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        if lg.getEffectiveLevel() < level:
+            lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, old):
+            lg.setLevel(lvl)
+
+
+def _connect(scheduler: str, connect_timeout: float, worker_timeout: float):
+    """A client of the scheduler at ``scheduler`` that has at least one worker."""
+    from distributed import Client
+
+    try:
+        client = Client(scheduler, timeout=connect_timeout)
+    except (OSError, TimeoutError) as err:
+        raise PadimError(f"cannot reach the Dask scheduler at {scheduler} within {connect_timeout:g} s: {err} "
+                         f"(is it running? set {CONNECT_TIMEOUT_ENV} to wait longer)") from None
+    try:
+        client.wait_for_workers(1, timeout=worker_timeout)
+    except TimeoutError:
+        client.close()
+        raise PadimError(f"the Dask scheduler at {scheduler} has no workers (waited {worker_timeout:g} s): "
+                         f"start some with `dask worker {scheduler}`, or set {WORKER_TIMEOUT_ENV} to wait longer"
+                         ) from None
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 @contextmanager
 def open_client(workers: int | None = None, scheduler: str | None = None, *,
                 dashboard: str = ":0", echo: Callable[[str], None] | None = None,
-                timeout: float = 30) -> Iterator[object | None]:
+                timeout: float | None = None, worker_timeout: float | None = None) -> Iterator[object | None]:
     """A ``distributed.Client`` for the duration of the block, or ``None``.
 
     Parameters
@@ -73,36 +152,44 @@ def open_client(workers: int | None = None, scheduler: str | None = None, *,
     echo : callable, optional
         Called with one line saying where the dashboard is when a local
         cluster starts (default: print it on stderr).
-    timeout : float
-        Seconds to wait for the scheduler to answer.
+    timeout : float, optional
+        Seconds to wait for the scheduler to answer (default:
+        ``PADIM_OOC_CONNECT_TIMEOUT`` or 10).
+    worker_timeout : float, optional
+        Seconds to wait for the scheduler to have a worker (default:
+        ``PADIM_OOC_WORKER_TIMEOUT`` or 60); then a :class:`PadimError`.
     """
     _check_args(workers, scheduler)
     if not scheduler and (workers is None or workers <= 1):
         yield None
         return
+    connect_timeout = _seconds(timeout, CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT)
+    worker_timeout = _seconds(worker_timeout, WORKER_TIMEOUT_ENV, WORKER_TIMEOUT)
     from distributed import Client, LocalCluster
 
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     cluster = None
-    try:
-        if scheduler:
-            try:
-                client = Client(scheduler, timeout=timeout)
-            except OSError as err:
-                raise PadimError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from None
-        else:
-            cluster = LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,
-                                   dashboard_address=dashboard)
-            client = Client(cluster)
-            echo(f"dask: local cluster of {workers} worker processes, dashboard at {cluster.dashboard_link}")
+    with quiet_dask_logs():
         try:
-            client.register_plugin(_plugin_class()())
-            yield client
+            if scheduler:
+                client = _connect(scheduler, connect_timeout, worker_timeout)
+            else:
+                cluster = LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,
+                                       dashboard_address=dashboard, silence_logs=logging.WARNING)
+                client = Client(cluster)
+                echo(f"dask: local cluster of {workers} worker processes, dashboard at "
+                     f"{cluster.dashboard_link}{_dashboard_hint()}")
+            try:
+                client.register_plugin(_plugin_class()())
+                yield client
+            finally:
+                client.close()
         finally:
-            client.close()
-    finally:
-        if cluster is not None:
-            cluster.close()
+            if cluster is not None:
+                # a worker process that imported torch can take over the nanny's 4 s to exit on a
+                # busy machine; the nanny then kills it (what closing asks for) and warns: not news
+                with quiet_dask_logs(logging.ERROR, ("distributed.nanny",)):
+                    cluster.close()
 
 
 __all__ = ["open_client"]

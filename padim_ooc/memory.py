@@ -129,8 +129,17 @@ def plan_memory(positions: int, dims: int, *, batch_size: int, crop: int, budget
     return MemoryPlan(budget, accumulator, working, positions, -(-positions // blocks))
 
 
-def default_budget() -> int:
-    """Available memory with a margin (and within the Dask worker's limit, on a worker)."""
+def default_budget(device=None) -> int:
+    """Available memory with a margin (and within the Dask worker's limit, on a worker).
+
+    Parameters
+    ----------
+    device : str or torch.device, optional
+        Where the accumulator and the fold buffer live. On a CUDA device the
+        budget is also capped by the GPU memory free now
+        (``torch.cuda.mem_get_info``) with the same margin; ``auto`` means
+        CUDA when one is available. ``None`` or ``cpu``: host memory only.
+    """
     import psutil
 
     available = psutil.virtual_memory().available
@@ -142,7 +151,23 @@ def default_budget() -> int:
         limit = None
     if limit:
         available = min(available, int(limit) - psutil.Process().memory_info().rss)
+    gpu = _cuda_device(device)
+    if gpu is not None:
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(gpu)
+        available = min(available, int(free))
     return max(0, int(available * MEMORY_MARGIN))
+
+
+def _cuda_device(device):
+    """The CUDA ``torch.device`` a fit on ``device`` uses, or None (CPU, or no device given)."""
+    if device is None:
+        return None
+    from .extractor import resolve_device
+
+    resolved = resolve_device(device)
+    return resolved if resolved.type == "cuda" else None
 
 
 __all__ = ["MemoryPlan", "plan_memory", "default_budget", "MEMORY_MARGIN", "ACTIVATION_BYTES_PER_PIXEL"]

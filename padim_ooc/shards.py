@@ -9,16 +9,24 @@ are merged into the model by a tree of Chan merges, chunk by chunk
 size, so the batches (and therefore the CNN features) are the ones the
 one-process fit would form.
 
-Score: each shard is one task that opens the model once and scores its
-images; results come back as the tasks finish and are placed by input index.
+Score: each shard is one task that scores its images with the worker's copy
+of the model (opened once per worker and run, see :func:`worker_model`);
+results come back as the tasks finish and are placed by input index. Shards
+hold at most :data:`SCORE_SHARD_IMAGES` images (fewer when maps of large crops
+would pass :data:`SCORE_SHARD_MAP_BYTES`), and at most two shards per worker
+are in flight, so the memory of a task, of the results waiting on the
+workers and of the client does not grow with the number of images.
 
 If a worker dies, Dask runs its tasks again on another worker: a shard's
 result is delivered once, and a partial fit resumes from its last checkpoint.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,24 +37,46 @@ from .data import digest, list_images
 from .errors import PadimError
 from .extractor import Extractor
 from .fit import FitSummary, check_compatible, check_options, fit_part, memory_plan
-from .memory import MEMORY_MARGIN
+from .memory import default_budget
 from .merge import merge_stores
 from .progress import bar
 from .score import DEFAULT_SIGMA, Model, score_paths
 from .store import ModelStore, shared_path, store_exists
 
+log = logging.getLogger(__name__)
 
-def shard_ranges(count: int, batch_size: int, shards: int) -> list[tuple[int, int]]:
-    """Split ``range(count)`` into at most ``shards`` (start, stop) ranges.
+# images per scoring shard at most, and bytes of float16 maps one shard returns at most
+SCORE_SHARD_IMAGES = 256
+SCORE_SHARD_MAP_BYTES = 64 * 2**20
+# scoring shards in flight per worker (submitted, running or waiting to be fetched)
+SCORE_SHARDS_PER_WORKER = 2
+# the Dask event topic on which fit shards announce their memory plan
+PLAN_TOPIC = "padim-ooc-memory-plan"
+
+
+def shard_ranges(count: int, batch_size: int, shards: int, max_size: int | None = None) -> list[tuple[int, int]]:
+    """Split ``range(count)`` into (start, stop) ranges: ``shards`` of them, or more
+    if that would put more than ``max_size`` items in one.
 
     Every range but the last holds a multiple of ``batch_size`` items, so a
-    shard's batches are the batches of the whole list.
+    shard's batches are the batches of the whole list (``max_size`` is
+    rounded down to a multiple of ``batch_size``, but not below one batch).
     """
     if count == 0:
         return []
     per = -(-count // max(1, shards))
     per = -(-per // batch_size) * batch_size
+    if max_size is not None:
+        per = min(per, max(batch_size, max_size // batch_size * batch_size))
     return [(a, min(a + per, count)) for a in range(0, count, per)]
+
+
+def score_shard_size(crop: int, maps: bool) -> int:
+    """Images per scoring shard at most: :data:`SCORE_SHARD_IMAGES`, and with maps
+    no more than :data:`SCORE_SHARD_MAP_BYTES` of float16 (crop, crop) maps."""
+    if not maps:
+        return SCORE_SHARD_IMAGES
+    return max(1, min(SCORE_SHARD_IMAGES, SCORE_SHARD_MAP_BYTES // (2 * crop * crop)))
 
 
 def _workers(client) -> int:
@@ -71,14 +101,19 @@ def _hash_files(paths: Sequence[str]) -> list[bytes | None]:
     return out
 
 
-def _results(client, futures: dict, what: str):
-    """Yield (tag, result) as the tasks finish; on an error cancel the rest and raise it."""
+def _results(client, futures: dict, what: str, running=None):
+    """Yield (tag, result) as the tasks finish; on an error cancel the rest and raise it.
+
+    ``running``: a ``distributed.as_completed`` the caller adds futures to
+    (and ``futures`` with them); default: over ``futures`` as they are now.
+    ``tag`` is ``futures[future]``, or the future itself where ``running`` is given.
+    """
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
     try:
-        for future in as_completed(list(futures)):
-            tag = futures[future]
+        for future in running if running is not None else as_completed(list(futures)):
+            tag = future if running is not None else futures[future]
             result = future.result()
             future.release()
             yield tag, result
@@ -162,13 +197,9 @@ def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batc
     model, config = store.path, store.config
     ranges = shard_ranges(len(paths), batch_size, shards or _workers(client))
     summary = FitSummary(model=model)
-    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info(n_workers=-1)["workers"].values()]
-    budget = max_memory or int(min(limits) * MEMORY_MARGIN) if limits and min(limits) else max_memory
-    if budget:  # fails early if the budget cannot hold one batch
-        plan = memory_plan(config, batch_size, budget).describe()
-        if progress:
-            print(f"{plan} on each worker (its own budget decides)" if max_memory is None else plan,
-                  file=sys.stderr, flush=True)
+    if max_memory:  # fails early if the budget cannot hold one batch
+        memory_plan(config, batch_size, max_memory)
+    plans = _PlanEcho(progress)
 
     # 1. hash every file on the workers; drop what the model holds and repeated files, in input order
     hashed = client.gather(client.map(_hash_files, [paths[a:b] for a, b in ranges], pure=False))
@@ -194,15 +225,17 @@ def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batc
     futures = {}
     for k, keep in enumerate(kept):
         if keep:
-            fut = client.submit(fit_part, keep, f"{parts}/part-{k:05d}.zarr", config, device=device,
+            fut = client.submit(fit_shard, keep, f"{parts}/part-{k:05d}.zarr", config, device=device,
                                 weights=weights, batch_size=batch_size, checkpoint_every=checkpoint_every,
                                 on_error=on_error, max_memory=max_memory, key=f"padim-ooc-fit-{token}-{k}")
             futures[fut] = (k, ranges[k][1] - ranges[k][0])
     done: list[str] = []
+    client.subscribe_topic(PLAN_TOPIC, lambda event: plans(event[1]["plan"], event[1]["blocks"], event[1]["worker"]))
     try:
         with bar(f"fit {Path(model).name} ({len(futures)} shards)", len(paths), enabled=progress) as advance:
             advance(len(paths) - sum(size for _, size in futures.values()))
-            for (k, size), part in _results(client, futures, "fit"):
+            for (k, size), (part, plan, worker) in _results(client, futures, "fit"):
+                plans(plan, part.blocks, worker)  # in case its event was late
                 summary.added += part.n_images
                 summary.skipped.extend(part.skipped)
                 summary.checkpoints += part.checkpoints
@@ -215,15 +248,86 @@ def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batc
             merge_stores(sorted(done), store, client=client)
             summary.checkpoints += 1
     finally:
+        client.unsubscribe_topic(PLAN_TOPIC)
         _remove_tree(parts)
     summary.n_images = store.n_images
     return summary
 
 
+class _PlanEcho:
+    """Prints (on stderr, with ``progress``) and logs the memory plan of each worker: its first
+    one, and any later one that makes a different number of passes."""
+
+    def __init__(self, progress: bool):
+        self.progress = progress
+        self.seen: set[tuple[str, int]] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, plan: str, blocks: int, worker: str) -> None:
+        with self.lock:
+            if (worker, blocks) in self.seen:
+                return
+            self.seen.add((worker, blocks))
+        line = f"{plan} [worker {worker}]"
+        log.info(line)
+        if self.progress:
+            print(line, file=sys.stderr, flush=True)
+
+
+def fit_shard(paths: Sequence[str], part: str, config: dict, *, device: str = "auto", batch_size: int = 32,
+              max_memory: int | None = None, **options) -> tuple[FitSummary, str, str]:
+    """Fit one shard into the partial store ``part`` (a task of the sharded fit).
+
+    The worker decides its memory budget once (``max_memory``, else what it
+    has: :func:`padim_ooc.memory.default_budget`, within its Dask memory limit
+    and, on CUDA, the GPU's free memory), announces the plan it gives on the
+    :data:`PLAN_TOPIC` event topic and fits with that budget
+    (:func:`padim_ooc.fit.fit_part`, ``options`` passed on).
+
+    Returns
+    -------
+    (FitSummary, plan description, worker address)
+    """
+    from distributed import get_worker
+
+    worker = get_worker()
+    budget = max_memory or default_budget(device)
+    plan = memory_plan(config, batch_size, budget)
+    worker.log_event(PLAN_TOPIC, {"plan": plan.describe(), "blocks": plan.blocks})
+    summary = fit_part(paths, part, config, device=device, batch_size=batch_size, max_memory=budget, **options)
+    return summary, plan.describe(), worker.address
+
+
+_models: dict[tuple, Model] = {}
+_models_lock = threading.Lock()
+
+
+def worker_model(model: str, *, device: str = "auto", weights: str | None = None) -> Model:
+    """The model at ``model``, opened once per process and state: the shards of a run
+    that land on the same worker share its statistics (read once) and its extractor.
+
+    The key holds the store's attributes, so a refitted or re-finalized model
+    is opened again; :func:`forget_models` drops the copy (the end of a run).
+    """
+    store = ModelStore.open(model)
+    key = (model, json.dumps(store.attrs, sort_keys=True, default=str), device, weights)
+    with _models_lock:
+        if key not in _models:
+            _models.clear()  # one model per process
+            _models[key] = Model(store, device=device, weights=weights)
+        return _models[key]
+
+
+def forget_models() -> None:
+    """Drop the model kept by :func:`worker_model` (its memory goes back)."""
+    with _models_lock:
+        _models.clear()
+
+
 def score_part(model: str, paths: Sequence[str], first: int, *, batch_size: int = 32,
                sigma: float = DEFAULT_SIGMA, maps: bool = False, on_error: str = "skip",
                device: str = "auto", weights: str | None = None):
-    """Score one shard (a task): opens the model once, scores ``paths`` in batches.
+    """Score one shard (a task) with the worker's copy of the model, in batches.
 
     Returns
     -------
@@ -233,7 +337,7 @@ def score_part(model: str, paths: Sequence[str], first: int, *, batch_size: int 
     maps : ndarray of shape (k, crop, crop), float16, or None
     bad : list of (index, error)
     """
-    m = Model(ModelStore.open(model), device=device, weights=weights)
+    m = worker_model(model, device=device, weights=weights)
     idx, scores, out_maps = [], [], []
 
     def on_batch(indices, batch_scores, batch_maps):
@@ -254,7 +358,7 @@ def score_part(model: str, paths: Sequence[str], first: int, *, batch_size: int 
 def score_sharded(model: str | os.PathLike, paths: Sequence[str | os.PathLike], client, *,
                   batch_size: int = 32, sigma: float = DEFAULT_SIGMA, maps: bool = False,
                   on_error: str = "skip", device: str = "auto", weights: str | None = None,
-                  shards: int | None = None,
+                  shards: int | None = None, max_shard_images: int | None = None,
                   on_result: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None] | None = None):
     """Score image files on a Dask cluster, one task per shard of the list.
 
@@ -264,24 +368,57 @@ def score_sharded(model: str | os.PathLike, paths: Sequence[str | os.PathLike], 
     so every image is scored exactly once. Returns the ``(index, error)`` of
     images that could not be read. Shards start at multiples of
     ``batch_size``: the batches, and so the scores, are those of the
-    one-process :func:`padim_ooc.score.score_paths`. Default: two shards per worker.
+    one-process :func:`padim_ooc.score.score_paths`.
+
+    Shards: ``shards`` of them (default two per worker), or more so that none
+    holds more than ``max_shard_images`` images (default
+    :func:`score_shard_size`: 256, fewer for maps of large crops). At most
+    two shards per worker are submitted at a time; the next one goes when a
+    result has been handed to ``on_result``, so memory stays bounded whatever
+    the number of images.
     """
+    from distributed import as_completed
+
     model = shared_path(model)
     _check_shareable(model)
+    crop = ModelStore.open(model).attrs["crop"]
     ModelStore.open(model).final_arrays()  # a clear error before any task runs
     paths = [shared_path(p) for p in paths]
-    ranges = shard_ranges(len(paths), batch_size, shards or 2 * _workers(client))
+    workers = _workers(client)
+    cap = max_shard_images or score_shard_size(crop, maps)
+    ranges = shard_ranges(len(paths), batch_size, shards or SCORE_SHARDS_PER_WORKER * workers, max_size=cap)
     token = uuid.uuid4().hex[:8]
-    futures = {client.submit(score_part, model, paths[a:b], a, batch_size=batch_size, sigma=sigma,
-                             maps=maps, on_error=on_error, device=device, weights=weights,
-                             key=f"padim-ooc-score-{token}-{k}"): k
-               for k, (a, b) in enumerate(ranges)}
+    todo = iter(enumerate(ranges))
+    futures: dict = {}
+    running = as_completed()
+
+    def submit_next() -> None:
+        k, (a, b) = next(todo, (None, (0, 0)))
+        if k is not None:
+            fut = client.submit(score_part, model, paths[a:b], a, batch_size=batch_size, sigma=sigma, maps=maps,
+                                on_error=on_error, device=device, weights=weights,
+                                key=f"padim-ooc-score-{token}-{k}")
+            futures[fut] = k
+            running.add(fut)
+
     bad: list[tuple[int, str]] = []
-    for _, (indices, scores, shard_maps, shard_bad) in _results(client, futures, "score"):
-        bad.extend(shard_bad)
-        if on_result is not None:
-            on_result(indices, scores, shard_maps)
+    try:
+        for _ in range(SCORE_SHARDS_PER_WORKER * workers):
+            submit_next()
+        for tag, (indices, scores, shard_maps, shard_bad) in _results(client, futures, "score", running):
+            del futures[tag]
+            bad.extend(shard_bad)
+            if on_result is not None:
+                on_result(indices, scores, shard_maps)
+            submit_next()
+    finally:
+        client.cancel(list(futures))
+        try:
+            client.run(forget_models)
+        except Exception:  # noqa: BLE001 - a worker that went away has nothing to forget
+            pass
     return sorted(bad)
 
 
-__all__ = ["fit_sharded", "score_sharded", "score_part", "shard_ranges"]
+__all__ = ["fit_sharded", "fit_shard", "score_sharded", "score_part", "shard_ranges", "score_shard_size",
+           "worker_model", "forget_models"]

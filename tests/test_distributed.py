@@ -20,10 +20,11 @@ from padim_ooc.distributed import open_client
 from padim_ooc.finalize import finalize
 from padim_ooc.fit import fit_store
 from padim_ooc.score import score_paths
-from padim_ooc.shards import fit_sharded, score_sharded, shard_ranges
+from padim_ooc.shards import fit_sharded, score_sharded, score_shard_size, shard_ranges
 from padim_ooc.store import ModelStore
 from padim_ooc.welford import Moments
 
+from conftest import run_cli
 from test_fit import exact_stats, rel
 
 
@@ -48,6 +49,18 @@ def test_shard_ranges_align_to_batches():
     assert shard_ranges(0, 8, 4) == []
     ranges = shard_ranges(1001, 32, 7)
     assert ranges[0][0] == 0 and ranges[-1][1] == 1001 and all((b - a) % 32 == 0 for a, b in ranges[:-1])
+
+
+def test_score_shards_have_a_bounded_size():
+    """The number of scoring shards grows with N; no shard holds more than its cap."""
+    for count in (100, 10_000, 1_000_000):
+        ranges = shard_ranges(count, 32, 4, max_size=256)
+        assert max(b - a for a, b in ranges) <= 256 and len(ranges) >= max(4, count / 256)
+        assert ranges[0][0] == 0 and ranges[-1][1] == count and all(x[1] == y[0] for x, y in zip(ranges, ranges[1:]))
+        assert all(a % 32 == 0 for a, _ in ranges)  # batch boundaries
+    assert shard_ranges(100, 64, 1, max_size=10) == [(0, 64), (64, 100)]  # at least one batch a shard
+    assert score_shard_size(224, maps=False) == 256
+    assert score_shard_size(1024, maps=True) * 1024 * 1024 * 2 <= 64 * 2**20  # maps of one shard: <= 64 MiB
 
 
 def test_cluster_set_up(cluster):
@@ -111,6 +124,27 @@ def test_sharded_scores_equal_one_process(cluster, fitted, image_dir):
     np.testing.assert_allclose([maps[i][1].max() for i in range(len(paths))], ref, rtol=2e-3)
 
 
+def test_many_small_shards_equal_one_process(cluster, fitted, image_dir):
+    """Shards capped at 8 images: 40 images give 5+ shard results, in any order, the one-process scores."""
+    client, _ = cluster
+    paths = list_images([image_dir / "b", image_dir / "a"])
+    ref = reference_scores(fitted, paths, 4)
+    sizes, got = [], np.full(len(paths), np.nan)
+
+    def on_result(indices, scores, _maps):
+        sizes.append(len(indices))
+        assert np.isnan(got[indices]).all()  # never twice
+        got[indices] = scores
+
+    score_sharded(fitted, paths, client, batch_size=4, device="cpu", max_shard_images=8, on_result=on_result)
+    assert len(sizes) == 5 and max(sizes) == 8
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    # each worker kept its copy of the model only for the run
+    from padim_ooc import shards
+
+    assert set(client.run(lambda: len(shards._models)).values()) == {0}
+
+
 def test_api_with_a_client(cluster, fitted, image_dir):
     from padim_ooc.api import score_files
 
@@ -146,12 +180,25 @@ def test_killed_worker_every_image_scored_once(cluster, fitted, image_dir):
     assert pids[next(iter(killed))] not in client.run(os.getpid).values()
 
 
-def test_sharded_fit_equals_one_process(cluster, tmp_path, image_dir, extractor):
+def test_sharded_fit_equals_one_process(cluster, tmp_path, image_dir, extractor, capfd):
+    import re
+
+    import psutil
+
     client, _ = cluster
     one = fit_store([image_dir], tmp_path / "one.zarr", extractor=extractor, batch_size=5,
                     loader_workers=0, progress=False)
+    rss = client.run(lambda: psutil.Process().memory_info().rss)
+    limits = {a: w["memory_limit"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+    capfd.readouterr()
     summary = fit_sharded([image_dir], tmp_path / "sharded.zarr", client, extractor=extractor, batch_size=5,
-                          checkpoint_every=6, shards=3, device="cpu", progress=False)
+                          checkpoint_every=6, shards=3, device="cpu", progress=True)
+    # the plans printed are the workers' own: budget = 0.8 x min(available, limit - the worker's RSS)
+    plans = re.findall(r"memory plan: one pass .* budget ([\d.]+) GiB\) \[worker (\S+)\]", capfd.readouterr().err)
+    assert plans and len({w for _, w in plans}) == len(plans)
+    for budget, worker in plans:
+        assert worker in limits
+        assert float(budget) <= 0.8 * (limits[worker] - rss[worker]) / 2**30 + 0.005
     assert summary.added == 40 and summary.n_images == 40 and one.n_images == 40
     assert not (tmp_path / "sharded.zarr.parts").exists()
     a, b = po.open_model(tmp_path / "one.zarr"), po.open_model(tmp_path / "sharded.zarr")
@@ -161,6 +208,17 @@ def test_sharded_fit_equals_one_process(cluster, tmp_path, image_dir, extractor)
     mean, cov = exact_stats(extractor, list_images([image_dir]), 5)  # independent numpy two-pass
     assert rel(b.covariance(), cov) <= 1e-9
     assert b.store.ledger() == a.store.ledger()
+
+
+def test_api_fit_on_a_client_equals_one_process(cluster, tmp_path, image_dir, extractor):
+    """``padim_ooc.fit(..., client=)``: sharded fit, merge and finalize on the cluster."""
+    client, _ = cluster
+    one = po.fit([image_dir / "a"], tmp_path / "one.zarr", extractor=extractor, batch_size=4, loader_workers=0)
+    two = po.fit([image_dir / "a"], tmp_path / "two.zarr", extractor=extractor, batch_size=4, client=client)
+    assert two.finalized and two.n_images == one.n_images == 20
+    assert rel(two.covariance(), one.covariance()) <= 1e-10 and rel(two.mean, one.mean) <= 1e-10
+    (m1, p1), (m2, p2) = one.store.final_arrays(), two.store.final_arrays()
+    np.testing.assert_allclose(p2[...], p1[...], rtol=1e-5, atol=1e-6 * float(np.abs(p1[...]).max()))
 
 
 def test_sharded_fit_extends_a_model_and_drops_repeats(cluster, tmp_path, image_dir, extractor):
@@ -204,6 +262,80 @@ def test_cli_on_an_existing_cluster(cluster, fitted, tmp_path, image_dir):
     ref = reference_scores(fitted, paths, 4)
     np.testing.assert_allclose([float(r["score"]) for r in rows], ref, rtol=1e-6)
 
+
+
+def test_cli_finalize_and_merge_on_a_cluster(cluster, tmp_path, image_dir, extractor):
+    """`merge --scheduler` equals the API merge in one process; `finalize --scheduler` equals the
+    one-process finalize (float32 precision, to its rounding)."""
+    client, _ = cluster
+    parts = []
+    for name, folder in (("pa", "a"), ("pb", "b")):
+        parts.append(tmp_path / f"{name}.zarr")
+        po.fit([image_dir / folder], parts[-1], extractor=extractor, batch_size=5, loader_workers=0, finalize=False)
+    from padim_ooc.api import merge as api_merge  # po.merge: the submodule padim_ooc.merge once imported
+
+    api_merge(parts, tmp_path / "api.zarr", finalize=True)
+    from typer.testing import CliRunner
+
+    from padim_ooc.cli import app
+
+    address, runner = client.scheduler.address, CliRunner()
+    result = runner.invoke(app, ["merge", *map(str, parts), "--model", str(tmp_path / "cli.zarr"), "--no-finalize",
+                                 "--scheduler", address])
+    assert result.exit_code == 0 and json.loads(result.stdout)["finalized"] is False, result.output
+    result = runner.invoke(app, ["finalize", str(tmp_path / "cli.zarr"), "--scheduler", address])
+    assert result.exit_code == 0 and json.loads(result.stdout)["finalized"] is True, result.output
+    api, cli = po.open_model(tmp_path / "api.zarr"), po.open_model(tmp_path / "cli.zarr")
+    assert cli.n_images == 40 and rel(cli.covariance(), api.covariance()) <= 1e-12
+    assert cli.store.ledger() == api.store.ledger()
+    (ma, pa), (mc, pc) = api.store.final_arrays(), cli.store.final_arrays()
+    np.testing.assert_array_equal(mc[...], ma[...])
+    np.testing.assert_allclose(pc[...], pa[...], rtol=1e-5, atol=1e-6 * float(np.abs(pa[...]).max()))
+
+
+def test_cli_score_with_local_workers(fitted, tmp_path, image_dir):
+    """`score --workers 2 --maps --out file://...`: the one-process scores and maps, in input order,
+    and on stderr only the dashboard line (no Dask INFO log)."""
+    import zarr
+
+    paths = list_images([image_dir / "b"])
+    out = tmp_path / "out"
+    proc = run_cli("score", fitted, image_dir / "b", "--out", f"file://{out}", "--workers", "2", "--device", "cpu",
+                   "--batch-size", "4", "--maps", "-q")
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dask: local cluster of 2 worker processes, dashboard at http"), lines
+    import importlib.util
+
+    assert ("pip install 'padim-ooc[dashboard]'" in lines[0]) == (importlib.util.find_spec("bokeh") is None)
+    assert json.loads(proc.stdout)["scored"] == 20
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    ref = reference_scores(fitted, paths, 4)
+    np.testing.assert_allclose([float(r["score"]) for r in rows], ref, rtol=1e-6)
+    _, ref_maps = po.open_model(fitted, device="cpu").score(paths, batch_size=4)
+    np.testing.assert_allclose(zarr.open_array(str(out / "maps.zarr"))[...], ref_maps, rtol=2e-3, atol=1e-3)
+
+
+def test_scheduler_without_workers_is_an_error():
+    """A scheduler with no worker: a clear error after the worker timeout, not a silent hang."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", dashboard_address=":0") as empty:
+        address = empty.scheduler_address
+        start = time.monotonic()
+        with pytest.raises(po.PadimError, match=f"the Dask scheduler at {address} has no workers"):
+            with open_client(scheduler=address, worker_timeout=1):
+                pass
+        assert time.monotonic() - start < 10
+        env = dict(os.environ, PADIM_OOC_WORKER_TIMEOUT="1")
+        proc = subprocess.run([sys.executable, "-m", "padim_ooc", "merge", "a.zarr", "--model", "b.zarr",
+                               "--scheduler", address],
+                              capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: the Dask scheduler at {address} has no workers (waited 1 s): "
+                                                f"start some with `dask worker {address}`, or set "
+                                                "PADIM_OOC_WORKER_TIMEOUT to wait longer"]
 
 
 def test_client_arguments_are_checked():
