@@ -100,18 +100,18 @@ def overrides(extractor: Extractor, preset: str) -> list[str]:
         return []
     out = []
     if extractor.backbone != want["backbone"]:
-        out.append(f"backbone {extractor.backbone} (paper {want['backbone']})")
+        out.append(f"backbone {extractor.backbone} (preset: {want['backbone']})")
     paper_dims = want["dims"] or sum(extractor.layer_channels)
     if extractor.dims != paper_dims:
-        out.append(f"{extractor.dims} channels (paper {paper_dims})")
+        out.append(f"{extractor.dims} channels (preset: {paper_dims})")
     for name in ("resize", "crop"):
         if getattr(extractor.preprocess, name) != want[name]:
-            out.append(f"{name} {getattr(extractor.preprocess, name)} (paper {want[name]})")
+            out.append(f"{name} {getattr(extractor.preprocess, name)} (preset: {want[name]})")
     wid = extractor.weights_id
     if wid.startswith("random:"):
-        out.append("random weights (paper: ImageNet)")
+        out.append("random weights (preset: ImageNet)")
     elif wid.startswith("file:") and want["backbone"] != "efficientnet_lite0":
-        out.append("weights from a file (paper: ImageNet)")
+        out.append("weights from a file (preset: ImageNet)")
     return out
 
 
@@ -140,8 +140,8 @@ def markdown_table(result: dict) -> str:
             notes.append(f"Our mean is over {n} of the {MVTEC_CLASSES} MVTec AD classes, the paper's over all "
                          f"{MVTEC_CLASSES}: not directly comparable.")
         if result.get("overrides"):
-            notes.append(f"Not the paper's configuration for {preset}: " + "; ".join(result["overrides"])
-                         + ". The paper's row is for another model.")
+            notes.append(f"Not the {preset} preset's configuration: " + "; ".join(result["overrides"])
+                         + ". The paper's numbers are for the preset's configuration, not this model.")
         if preset in NO_PAPER_NUMBERS:
             notes.append(NO_PAPER_NUMBERS[preset])
         elif paper and any(paper[k] is None for k in METRICS):

@@ -170,8 +170,9 @@ def svg_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | Non
                 parts.append(f'<rect x="{m + i * bw + off * bw:.1f}" y="{sy(counts[i]):.1f}" '
                              f'width="{bw / 2:.1f}" height="{ph - (sy(counts[i]) - 16):.1f}" '
                              f'fill="{colour}" fill-opacity="0.85"/>')
-    for t in np.linspace(lo, hi, 5):
-        parts.append(f'<text x="{sx(t):.1f}" y="{16 + ph + 16}" text-anchor="middle">{t:.3g}</text>')
+    for k, t in enumerate(np.linspace(lo, hi, 5)):
+        anchor = "end" if k == 4 else "middle"  # the last label stays inside the chart
+        parts.append(f'<text x="{sx(t):.1f}" y="{16 + ph + 16}" text-anchor="{anchor}">{t:.3g}</text>')
     for c in (0, top):
         parts.append(f'<text x="{m - 6}" y="{sy(c) + 4:.1f}" text-anchor="end">{c}</text>')
     parts.append(f'<text x="{m + pw / 2}" y="{16 + ph + 34}" text-anchor="middle">image score '
@@ -181,7 +182,7 @@ def svg_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | Non
         x = sx(threshold)
         parts.append(f'<line x1="{x:.1f}" y1="16" x2="{x:.1f}" y2="{16 + ph}" stroke="#c00" '
                      'stroke-width="2" stroke-dasharray="6 3"/>')
-        parts.append(f'<text x="{x + 4:.1f}" y="30" fill="#c00">threshold {threshold:.3g}</text>')
+        parts.append(f'<text x="{x + 4:.1f}" y="30" fill="#c00">threshold {threshold:.4g}</text>')
     ly = height - 10
     parts.append(f'<rect x="{m}" y="{ly - 10}" width="12" height="12" fill="#1f77b4"/>'
                  f'<text x="{m + 16}" y="{ly}">good</text>'

@@ -241,8 +241,8 @@ def test_cli_benchmark(tmp_path, extractor):
                      f"{100 * res['mean']['pro']:.1f} (1 of 2)"]
     assert re.search(r"\| paper, PaDiM r18-rd100: mean of the 15 MVTec AD classes \| - \| 96\.7 \| 91\.7 \|", table)
     assert "over 2 of the 15 MVTec AD classes" in table
-    assert ("Not the paper's configuration for r18-rd100: resize 72 (paper 256); crop 64 (paper 224); "
-            "random weights (paper: ImageNet).") in table
+    assert ("Not the r18-rd100 preset's configuration: resize 72 (preset: 256); crop 64 (preset: 224); "
+            "random weights (preset: ImageNet).") in table
     with open(out / "benchmark.csv", newline="") as f:
         csv_rows = {r[0]: r[1:] for r in csv.reader(f)}
     assert csv_rows["paper:r18-rd100 (mean of 15 classes)"][:3] == ["", "0.967", "0.917"]  # no float noise
@@ -275,5 +275,5 @@ def test_benchmark_table_notes_without_a_run():
     lite = markdown_table(base | {"preset": "lite0", "paper": {"image_auroc": None, "pixel_auroc": None,
                                                                 "pro": None}})
     assert "| paper, PaDiM lite0: mean of the 15 MVTec AD classes | - | - | - |" in lite
-    assert "no EfficientNet-Lite0 results" in lite and "Not the paper's configuration" not in lite
+    assert "no EfficientNet-Lite0 results" in lite and "preset's configuration" not in lite
     assert "| **mean of 1 class** | 90.0 | 95.0 | 80.0 |" in lite
