@@ -210,8 +210,7 @@ def crash_and_resume(tmp_path, crash_images, reference, moments, seed):
     trail, count, refused = [], 0, False
     try:
         for i, moment in enumerate(moments):
-            prefix = next(p for p in ("sigterm@", "ctrl-c@") if moment.startswith(p)) \
-                if "@" in moment else ""
+            prefix = moment.split("@")[0] + "@" if "@" in moment else ""
             sig, pause = SIGNALS[prefix], None if moment == "random" else moment[len(prefix):]
             step = {"moment": moment, "before": count}
             trail.append(step)
@@ -233,7 +232,7 @@ def crash_and_resume(tmp_path, crash_images, reference, moments, seed):
                     later = moments[i + 1:]
                     reserve = sum(checkpoints_used(m) for m in later) + 3  # and a margin for the last kill
                     left = (N_IMAGES - count) // EVERY - reserve
-                    k = rng.randrange(0, max(1, left // (1 + later.count("random"))) + 1)
+                    k = rng.randrange(0, max(0, left // (1 + later.count("random"))) + 1)
                     frac = rng.random()
                     delay = frac * (timeline["startup"] if k == 0 else timeline["interval"])
                     step.update(k=k, frac=round(frac, 3), delay=round(delay, 4))
