@@ -1,17 +1,21 @@
-"""The Python API: ``fit``, ``open_model``, ``merge`` and ``score_files``."""
+"""The Python API: ``fit``, ``open_model``, ``finalize_model``, ``merge`` and ``score_files``."""
 from __future__ import annotations
 
+import math
 import os
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .errors import PadimError
 from .extractor import Extractor
 from .finalize import DEFAULT_EPS, finalize as _finalize
-from .fit import fit_store
+from .fit import FitSummary, fit_store
+from .lock import default_command, store_lock
 from .score import Model
-from .store import ModelStore
+from .store import ModelStore, store_exists
 
 
 def open_model(path: str | os.PathLike, *, device: str = "auto", weights: str | None = None) -> Model:
@@ -24,11 +28,11 @@ def open_model(path: str | os.PathLike, *, device: str = "auto", weights: str | 
 
 
 def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | os.PathLike, *,
-        extractor: Extractor | None = None, batch_size: int = 32, checkpoint_every: int | None = None,
-        finalize: bool = True, eps: float = DEFAULT_EPS, loader_workers: int | None = None,
-        on_error: str = "skip", progress: bool = False, device: str = "auto",
-        max_memory: int | None = None, workers: int | None = None, scheduler: str | None = None,
-        client=None) -> Model:
+        extractor: Extractor | None = None, weights: str | None = None, batch_size: int = 32,
+        checkpoint_every: int | None = None, finalize: bool = True, eps: float | None = None,
+        loader_workers: int | None = None, on_error: str = "skip", progress: bool = False,
+        device: str = "auto", max_memory: int | None = None, workers: int | None = None,
+        scheduler: str | None = None, client=None) -> Model:
     """Fit (or extend) the model at ``model`` on the images of ``sources``, streaming.
 
     Parameters
@@ -38,9 +42,20 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
     model : path or URL
         The Zarr store; created if missing, extended with unseen images if it exists.
     extractor : Extractor, optional
-        Required for a new model unless the default (pretrained resnet18, Rd100) is wanted.
+        The configuration of a new model (default: pretrained resnet18, Rd100,
+        with ``weights``); for an existing model it must match the stored one.
+    weights : str, optional
+        Without ``extractor``: ``"default"`` (pretrained), ``"none"`` (random)
+        or a state-dict file. A new model is built with them; an existing
+        model fitted with a local file needs that file's path (its hash is
+        checked), and weights that differ from the stored ones are refused
+        before anything is built.
     finalize : bool
         Compute the precision matrices at the end (``eps`` on the diagonal).
+    eps : float, optional
+        Added to the covariance diagonal (>= 0). Default: the model's current
+        eps, or 0.01 for a model never finalized. A finalized model whose
+        stored eps differs is finalized again, even if no image is new.
     max_memory : int, optional
         Memory budget in bytes (default: available memory with a margin); when
         the statistics do not fit, positions are fitted in blocks, one pass each.
@@ -57,21 +72,117 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    with _client(workers, scheduler, client) as cl:
+    if extractor is not None and weights is not None:
+        raise PadimError("give either an extractor (built with its weights) or weights, not both")
+    if extractor is None and not store_exists(model):
+        extractor = Extractor(weights="default" if weights is None else weights, device=device)
+    run_fit(sources, model, extractor=extractor, weights=weights, batch_size=batch_size,
+            checkpoint_every=checkpoint_every, finalize=finalize, eps=eps, loader_workers=loader_workers,
+            on_error=on_error, progress=progress, device=device, max_memory=max_memory, workers=workers,
+            scheduler=scheduler, client=client)
+    if extractor is None:
+        return open_model(model, device=device, weights=weights)
+    return _opened(model, extractor)
+
+
+def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *, extractor: Extractor | None,
+            weights: str | None = None, batch_size: int = 32, checkpoint_every: int | None = None,
+            finalize: bool = True, eps: float | None = None, loader_workers: int | None = None,
+            on_error: str = "skip", progress: bool = False, device: str = "auto",
+            max_memory: int | None = None, workers: int | None = None, scheduler: str | None = None,
+            client=None) -> tuple[FitSummary, bool]:
+    """What :func:`fit` and ``padim-ooc fit`` do: fit, then finalize if asked, under
+    one lock (no other writer in between). Returns the fit's summary and whether
+    the store is finalized at the end (its real state)."""
+    if eps is not None:
+        check_eps(eps)
+    if store_exists(model):
+        check_weights(ModelStore.open(model).attrs, weights, model)
+    with _client(workers, scheduler, client) as cl, store_lock(model, default_command()):
         if cl is None:
-            fit_store(sources, model, extractor=extractor, batch_size=batch_size,
-                      checkpoint_every=checkpoint_every, loader_workers=loader_workers,
-                      on_error=on_error, progress=progress, device=device, max_memory=max_memory)
+            summary = fit_store(sources, model, extractor=extractor, batch_size=batch_size,
+                                checkpoint_every=checkpoint_every, loader_workers=loader_workers,
+                                on_error=on_error, progress=progress, device=device, weights=weights,
+                                max_memory=max_memory)
         else:
             from .shards import fit_sharded
 
-            fit_sharded(sources, model, cl, extractor=extractor, batch_size=batch_size,
-                        checkpoint_every=checkpoint_every, on_error=on_error, progress=progress,
-                        device=device, max_memory=max_memory)
-        if finalize:
-            with ModelStore.open(model, writable=True) as store:
-                _finalize(store, eps=eps, client=cl)
-    return open_model(model, device=device) if extractor is None else _opened(model, extractor)
+            summary = fit_sharded(sources, model, cl, extractor=extractor, batch_size=batch_size,
+                                  checkpoint_every=checkpoint_every, on_error=on_error, progress=progress,
+                                  device=device, weights=weights, max_memory=max_memory)
+        with ModelStore.open(model, writable=True) as store:
+            stored = store.attrs["eps"]
+            wanted = eps if eps is not None else (DEFAULT_EPS if stored is None else stored)
+            if finalize and (not store.attrs["finalized"] or wanted != stored):
+                n = store.n_images
+                if n < 2:
+                    raise PadimError(f"the statistics of {n} image{'s' * (n != 1)} are saved in {model}, but "
+                                     "finalize needs at least 2 images: fit more images into it (that fit finalizes it)")
+                _finalize(store, eps=wanted, client=cl)
+            return summary, bool(store.attrs["finalized"])
+
+
+def finalize_model(path: str | os.PathLike, *, eps: float = DEFAULT_EPS, workers: int | None = None,
+                   scheduler: str | None = None, client=None) -> Model:
+    """Compute the precision matrices of a fitted model: ``inv(m2 / (n - 1) + eps I)``.
+
+    Finalizes again if the model already is (e.g. with another ``eps``).
+    Named ``finalize_model`` because ``padim_ooc.finalize`` is the module that
+    does the work (:func:`padim_ooc.finalize.finalize`, on an opened store).
+
+    Parameters
+    ----------
+    path : path or URL
+        The model store (statistics of at least 2 images).
+    eps : float
+        Added to the diagonal of every covariance (>= 0).
+    workers, scheduler, client
+        Run the position chunks on a Dask cluster, as in :func:`fit`.
+
+    Returns
+    -------
+    Model
+        The opened, finalized model.
+    """
+    check_eps(eps)
+    with ModelStore.open(path, writable=True) as store, _client(workers, scheduler, client) as cl:
+        _finalize(store, eps=eps, client=cl)
+    return open_model(path)
+
+
+def check_eps(eps: float) -> float:
+    """``eps`` if it is a finite number >= 0, else a one-line :class:`PadimError`."""
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise PadimError(f"eps must be a finite number >= 0 (e.g. 0.01), got {eps!r}")
+    return eps
+
+
+def check_weights(stored: dict, weights: str | None, path) -> None:
+    """Refuse ``weights`` that are not those the model was fitted with, before any
+    backbone is built (``default`` would download weights first).
+
+    ``stored["weights"]`` is ``random:seed=S``, ``torchvision:<enum>`` or
+    ``file:<sha256>``. A file given for a model fitted with another file is
+    compared by hash; other files are left to the digest check of the weights.
+    """
+    if weights is None:
+        return
+    from .backbones import LITE0, file_hash
+
+    wid = stored["weights"]
+    if weights.lower() == "none":
+        same = wid.startswith("random:")
+    elif weights == "default":
+        same = wid.startswith("torchvision:") or (stored["backbone"] == LITE0 and wid.startswith("file:"))
+    elif weights.startswith("torchvision:"):
+        same = wid.startswith("torchvision:") and wid.split(".")[-1] == weights.split(".")[-1]
+    elif wid.startswith("file:") and Path(weights).is_file():
+        same = file_hash(Path(weights)) == wid[len("file:"):]
+    else:
+        return
+    if not same:
+        raise PadimError(f"the model {os.fspath(path)} was fitted with the weights {wid}, not {weights!r}; "
+                         "leave the weights out (the model's own are used), or use a new model path for other weights")
 
 
 def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, finalize: bool = True,
@@ -85,6 +196,7 @@ def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, final
     """
     from .merge import merge_stores
 
+    check_eps(eps)
     with _client(workers, scheduler, client) as cl:
         result = merge_stores(parts, model, client=cl)
         if finalize:

@@ -14,8 +14,9 @@ import typer
 from . import __version__
 from .errors import PadimError
 
+# rich_markup_mode=None: plain help (Rich markup would eat the "[default]" brackets of the help texts)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="PaDiM anomaly detection, fitted out of core. Run `padim-ooc COMMAND --help`.")
+                  rich_markup_mode=None, help="PaDiM anomaly detection, fitted out of core. Run `padim-ooc COMMAND --help`.")
 log = logging.getLogger("padim_ooc")
 
 
@@ -24,12 +25,28 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+class _LevelFormatter(logging.Formatter):
+    """``warning: message``, ``info: message``: the record's own level, in lower case."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.message}"
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LevelFormatter())
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+
+
 def command(func, target: Optional[typer.Typer] = None):
     """Register a command (on ``target``, default the main app) that turns library
     errors into one line on stderr."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
+        _setup_logging()
         try:
             return func(*args, **kwargs)
         except PadimError as err:
@@ -120,9 +137,11 @@ def fit(
     preset: Optional[str] = PresetOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1, help="Images between checkpoints [auto: every 1000 images, spaced so that writing them takes at most 5 % of the time]."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1, help="Images between checkpoints [auto: every 1000 images, spaced so that writing them takes at most 2 % of the time]."),
     no_finalize: bool = typer.Option(False, "--no-finalize", help="Leave the model unfinalized (add more images later)."),
-    eps: float = typer.Option(0.01, "--eps", help="Added to the covariance diagonal at finalize."),
+    eps: Optional[float] = typer.Option(None, "--eps", show_default=False, help="Added to the covariance "
+                                        "diagonal at finalize [the model's eps, 0.01 for a new model]; a finalized "
+                                        "model with another eps is finalized again."),
     loader_workers: Optional[int] = LoaderOpt,
     on_error: str = OnErrorOpt,
     quiet: bool = QuietOpt,
@@ -133,23 +152,24 @@ def fit(
                                              "not fit, positions are fitted in blocks, one pass over the images each."),
 ):
     """Fit a model on normal images (or add unseen images to an existing one)."""
-    from .distributed import open_client
+    from .api import check_eps, check_weights, run_fit
+    from .data import list_images
     from .extractor import Extractor
-    from .finalize import finalize as run_finalize
-    from .fit import fit_store
-    from .lock import store_lock
     from .store import ModelStore, store_exists
 
-    from .data import list_images
-
+    # every option is checked before anything is built (a backbone may download its weights)
+    _need_on_error(on_error)
+    if eps is not None:
+        check_eps(eps)
+    budget = _bytes(max_memory)
     paths = list_images(_need_data(data, "padim-ooc fit data/train/good --model model.zarr"))
-    _need_on_error(on_error)  # bad input fails before any model is built
     if preset is not None:  # the preset's options, overridden by those given explicitly
         from .presets import resolve
 
         chosen = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop)
         backbone, dims, resize, crop = (chosen[k] for k in ("backbone", "dims", "resize", "crop"))
-    given = {"backbone": backbone, "layers": _layers(layers), "seed": seed, "resize": resize, "crop": crop}
+    given = {"backbone": backbone, "layers": _layers(layers), "seed": seed, "resize": resize, "crop": crop,
+             "dims": dims}
     extractor = None
     if store_exists(model):
         stored = ModelStore.open(model).attrs
@@ -157,32 +177,18 @@ def fit(
             if value is not None and value != stored[key]:
                 raise PadimError(f"the model {model} was fitted with {key}={stored[key]!r}, not {value!r}; "
                                  "use a new --model path for a different configuration")
-        if dims is not None and dims != stored["dims"]:
-            raise PadimError(f"the model {model} was fitted with dims={stored['dims']}, not {dims}")
+        check_weights(stored, _weights(weights), model)
     else:
         resize_v = resize or 256
         extractor = Extractor(backbone or "resnet18", layers=given["layers"], dims=dims, seed=seed or 0,
                               weights=_weights(weights) if weights else "default", resize=resize_v,
                               crop=crop or min(224, resize_v), device=device)
-    budget = _bytes(max_memory)
-    with open_client(workers, scheduler) as client, \
-            store_lock(model, "padim-ooc fit"):  # fit and finalize without another writer in between
-        if client is None:
-            summary = fit_store(paths, model, extractor=extractor, batch_size=batch_size,
-                                checkpoint_every=checkpoint_every, loader_workers=loader_workers,
-                                on_error=on_error, progress=not quiet, device=device, weights=_weights(weights),
-                                max_memory=budget)
-        else:
-            from .shards import fit_sharded
-
-            summary = fit_sharded(paths, model, client, extractor=extractor, batch_size=batch_size,
-                                  checkpoint_every=checkpoint_every, on_error=on_error, progress=not quiet,
-                                  device=device, weights=_weights(weights), max_memory=budget)
-        with ModelStore.open(model, writable=True) as store:
-            if not no_finalize and not store.attrs["finalized"]:
-                run_finalize(store, eps=eps, client=client)
-    out = summary.as_dict() | {"finalized": not no_finalize}
-    typer.echo(json.dumps(out))
+    summary, finalized = run_fit(paths, model, extractor=extractor, weights=_weights(weights),
+                                 batch_size=batch_size, checkpoint_every=checkpoint_every,
+                                 finalize=not no_finalize, eps=eps, loader_workers=loader_workers,
+                                 on_error=on_error, progress=not quiet, device=device, max_memory=budget,
+                                 workers=workers, scheduler=scheduler)
+    typer.echo(json.dumps(summary.as_dict() | {"finalized": finalized}))
 
 
 @command
@@ -193,18 +199,15 @@ def finalize(
     scheduler: Optional[str] = SchedulerOpt,
 ):
     """Compute the precision matrices of a fitted model (covariance + eps I, Cholesky)."""
-    from .distributed import open_client
-    from .finalize import finalize as run_finalize
-    from .store import ModelStore
+    from .api import finalize_model
 
-    with ModelStore.open(model, writable=True) as store, open_client(workers, scheduler) as client:
-        run_finalize(store, eps=eps, client=client)  # the store's lock is given back on the way out
-    typer.echo(json.dumps({"model": model, "finalized": True, "eps": eps, "n_images": store.n_images}))
+    m = finalize_model(model, eps=eps, workers=workers, scheduler=scheduler)
+    typer.echo(json.dumps({"model": model, "finalized": True, "eps": eps, "n_images": m.n_images}))
 
 
 @command
 def merge(
-    parts: List[str] = typer.Argument(..., help="Model stores fitted on disjoint image sets, same configuration."),
+    parts: List[str] = typer.Argument(..., metavar="PARTS", help="Model stores fitted on disjoint image sets, same configuration."),
     model: str = typer.Option(..., "--model", help="Output store: created, or extended if it exists."),
     no_finalize: bool = typer.Option(False, "--no-finalize", help="Leave the merged model unfinalized."),
     eps: float = typer.Option(0.01, "--eps", help="Added to the covariance diagonal at finalize."),
@@ -216,8 +219,10 @@ def merge(
     from .finalize import finalize as run_finalize
     from .lock import store_lock
     from .merge import merge_stores
+    from .api import check_eps
     from .store import ModelStore
 
+    check_eps(eps)
     with open_client(workers, scheduler) as client, store_lock(model, "padim-ooc merge"):
         result = merge_stores(parts, model, client=client)
         with ModelStore.open(model, writable=True) as store:
@@ -303,7 +308,7 @@ def evaluate(
     typer.echo(json.dumps({k: ev.metrics[k] for k in keys} | {"report": str(report)}))
 
 
-benchmark_app = typer.Typer(no_args_is_help=True, help="Fit and evaluate on a benchmark data set.")
+benchmark_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Fit and evaluate on a benchmark data set.")
 app.add_typer(benchmark_app, name="benchmark")
 
 
@@ -377,8 +382,30 @@ def version():
     typer.echo(__version__)
 
 
-def main() -> None:  # console script entry point
-    app()
+def main(args: Optional[List[str]] = None) -> None:
+    """The console script: run the app, every usage error on one line of stderr.
+
+    Exit codes: 0 success, 2 bad input (usage errors and library errors),
+    3 internal error, 130 interrupted.
+    """
+    try:
+        code = app(args=args, standalone_mode=False)
+    except typer.TyperException as err:  # Typer's click: unknown or missing option, value out of range, ...
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError":  # `padim-ooc` (or a group) alone: its help
+            typer.echo(ctx.get_help())
+            sys.exit(0)
+        message = " ".join(err.format_message().split())
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        typer.echo(f"error: {message}{hint}", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        code = 1
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["app", "main"]

@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
+import torch
 import zarr
+from PIL import Image
+from scipy import ndimage
 
-from padim_ooc.data import list_images
+import padim_ooc
+from padim_ooc import cli
+from padim_ooc.store import ModelStore, read_array
 
-from conftest import run_cli as run
+from conftest import run_cli as run, write_images
 
 SMALL = ["--weights", "none", "--resize", "72", "--crop", "64", "--loader-workers", "0", "-q"]
 
@@ -40,7 +47,8 @@ def test_fit_info_score(tmp_path, image_dir):
     with open(tmp_path / "out" / "scores.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["path", "score"]
-    assert [r[0] for r in rows[1:]] == [str(p) for p in list_images([image_dir / "b"])]
+    # input order = the names written by the fixture, in order (img0020 ... img0039)
+    assert [r[0] for r in rows[1:]] == [str(image_dir / "b" / f"img{i:04d}.png") for i in range(20, 40)]
     scores = np.array([float(r[1]) for r in rows[1:]])
     assert np.isfinite(scores).all() and (scores > 0).all()
     maps = zarr.open_array(str(tmp_path / "out" / "maps.zarr"), mode="r")
@@ -67,7 +75,215 @@ def test_different_configuration_refused(tmp_path, image_dir):
     assert_one_line_error(proc, "not finalized")
 
 
-@pytest.mark.parametrize("args", [["--help"], ["fit", "--help"], ["score", "--help"]])
-def test_help(args):
-    out = run(*args).stdout
+def test_help():  # a real process: exit 0 (the other commands' help: test_help_exits_0, in-process)
+    out = run("fit", "--help").stdout
     assert "Usage" in out
+
+
+# ---- usage errors: one line, exit 2 (in-process through the console script's main) ----
+
+def main_exit(capsys, *args):
+    """Run ``cli.main(args)`` in this process (no interpreter start-up: fast); returns
+    (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def cli_json(capsys, *args):
+    """``cli.main(args)`` in this process, exit 0; its JSON output."""
+    code, out, err = main_exit(capsys, *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def cli_error(capsys, *args, text):
+    """``cli.main(args)`` in this process: one ``error: ...`` line holding ``text``, exit 2; that line."""
+    code, out, err = main_exit(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], err
+    return err
+
+
+@pytest.mark.parametrize("args, text", [
+    (["fit", "x"], "Missing option '--model'"),
+    (["fit", "x", "--model", "m.zarr", "--dims", "0"], "--dims"),
+    (["fit", "x", "--model", "m.zarr", "--batch-size", "0"], "--batch-size"),
+    (["fit", "x", "--model", "m.zarr", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["fit", "x", "--model", "m.zarr", "--dimz", "3"], "--dimz"),
+    (["fit", "x", "--model", "m.zarr", "--workers", "0"], "--workers"),
+    (["score", "m.zarr", "x", "--out", "o", "--sigma", "-1"], "--sigma"),
+    (["merge", "--model", "mm.zarr"], "Missing argument 'PARTS'"),
+    (["nosuch"], "No such command"),
+])
+def test_usage_errors_are_one_line(capsys, args, text):
+    code, out, err = main_exit(capsys, *args)
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], err
+    assert "{" not in lines[0] and "─" not in err  # no Rich box, no odd placeholder
+
+
+def test_usage_error_exit_code_of_the_process(tmp_path):
+    proc = run("fit", tmp_path, ok=False)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "Missing option '--model'")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["fit", "--help"], ["benchmark", "mvtec", "--help"], []])
+def test_help_exits_0(capsys, args):
+    code, out, err = main_exit(capsys, *args)
+    assert code == 0 and "Usage" in out and err == ""
+
+
+def test_fit_help_shows_defaults(capsys):
+    _, out, _ = main_exit(capsys, "fit", "--help")
+    text = " ".join(out.split())  # the help is wrapped
+    for default in ("[resnet18]", "[first three stages]", "[default]", "[256]", "[224]",
+                    "[available memory x 0.8]", "at most 2 % of the time"):
+        assert default in text, default
+    _, out, _ = main_exit(capsys, "benchmark", "mvtec", "--help")
+    assert "[preset's]" in " ".join(out.split())
+
+
+def test_log_records_carry_their_level():
+    fmt = cli._LevelFormatter()
+    for level, name in ((logging.INFO, "info"), (logging.WARNING, "warning"), (logging.ERROR, "error")):
+        record = logging.LogRecord("distributed", level, __file__, 1, "hello %s", ("you",), None)
+        assert fmt.format(record) == f"{name}: hello you"
+
+
+# ---- fit / finalize / score on real files ----
+
+def stored_precision(model) -> np.ndarray:
+    _, prec = ModelStore.open(model).final_arrays()
+    return read_array(prec)
+
+
+def assert_precision(model, eps, positions=(0, 77, 255)):
+    """The stored float32 precision equals numpy's inv(cov + eps I) (float64) at ``positions``."""
+    cov = padim_ooc.open_model(model).covariance()
+    prec = stored_precision(model)
+    for p in positions:
+        expected = np.linalg.inv(cov[p] + eps * np.eye(cov.shape[1]))
+        np.testing.assert_allclose(prec[p], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, image_dir):
+    """A model fitted by the CLI on image_dir/a (20 images, d = 100, 16 x 16 grid, eps 0.01)."""
+    model = tmp_path_factory.mktemp("fitted") / "m.zarr"
+    run("fit", image_dir / "a", "--model", model, *SMALL, "--batch-size", "10")  # a real process
+    return model
+
+
+def test_eps_before_fit_and_refinalize(tmp_path, image_dir, fitted, capsys):
+    model = tmp_path / "m.zarr"
+    shutil.copytree(fitted, model)
+    # a bad eps fails before any image is read: nothing added
+    cli_error(capsys, "fit", image_dir / "b", "--model", model, "-q", "--eps", "-1", text="eps")
+    assert ModelStore.open(model).n_images == 20
+    # nothing new, another eps: finalized again with it
+    out = cli_json(capsys, "fit", image_dir / "a", "--model", model, "-q", "--eps", "0.3")
+    assert out["added"] == 0 and out["finalized"] is True
+    assert cli_json(capsys, "info", model)["eps"] == 0.3
+    assert_precision(model, 0.3)
+    # --no-finalize with nothing new: the store stays finalized, and says so
+    out = cli_json(capsys, "fit", image_dir / "a", "--model", model, "-q", "--no-finalize")
+    assert out["finalized"] is True
+    # finalize --eps
+    assert cli_json(capsys, "finalize", model, "--eps", "0.5")["eps"] == 0.5
+    info = cli_json(capsys, "info", model)
+    assert info["eps"] == 0.5 and info["finalized"] is True
+    assert_precision(model, 0.5)
+
+
+def test_weights_and_options_checked_before_building(tmp_path, image_dir, fitted, capsys):
+    # a random-weight model and --weights default: refused up front, naming both (no download)
+    err = cli_error(capsys, "fit", image_dir / "b", "--model", fitted, "--weights", "default", "-q",
+                    text="random:seed=0")
+    assert "'default'" in err and "Downloading" not in err
+    assert ModelStore.open(fitted).n_images == 20
+    # a bad --max-memory on a new model with pretrained weights: refused before they are loaded
+    err = cli_error(capsys, "fit", image_dir / "a", "--model", tmp_path / "new.zarr", "--max-memory", "0", "-q",
+                    text="--max-memory")
+    assert "Downloading" not in err and not (tmp_path / "new.zarr").exists()
+
+
+def test_one_image_fit_says_the_statistics_are_saved(tmp_path, capsys):
+    write_images(tmp_path / "one", 1, seed=7)
+    cli_error(capsys, "fit", tmp_path / "one", "--model", tmp_path / "m.zarr", *SMALL,
+              text="statistics of 1 image are saved")
+    info = cli_json(capsys, "info", tmp_path / "m.zarr")
+    assert info["n_images"] == 1 and info["finalized"] is False
+
+
+def upsample(grid: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear upsampling (align_corners=False, like torch) of (B, h, w) to (B, size, size), float64."""
+    def weights(n):
+        src = np.maximum((np.arange(size) + 0.5) * n / size - 0.5, 0)
+        lo = np.minimum(np.floor(src).astype(int), n - 1)
+        hi = np.minimum(lo + 1, n - 1)
+        a = np.zeros((size, n))
+        a[np.arange(size), lo] += 1 - (src - lo)
+        a[np.arange(size), hi] += src - lo
+        return a
+    rows, cols = weights(grid.shape[1]), weights(grid.shape[2])
+    return np.einsum("ih,bhw,jw->bij", rows, grid, cols)
+
+
+def test_score_sigma_against_numpy(tmp_path, image_dir, fitted, capsys):
+    files = [image_dir / "b" / f"img{i:04d}.png" for i in range(20, 25)]
+    scores = {}
+    for sigma in ("0", "4"):
+        cli_json(capsys, "score", fitted, *files, "--out", tmp_path / sigma, "--sigma", sigma,
+                 "--loader-workers", "0", "-q")
+        with open(tmp_path / sigma / "scores.csv", newline="") as f:
+            scores[sigma] = np.array([float(r[1]) for r in list(csv.reader(f))[1:]])
+    # independent: features from the model's extractor, distances in float64 from mean and covariance
+    model = padim_ooc.open_model(fitted, device="cpu")
+    ex = model.extractor
+    batch = torch.stack([ex.preprocess(Image.open(p).convert("RGB")) for p in files])
+    feats = ex.embed(batch).double().numpy()  # (B, d, h, w)
+    b, d, h, w = feats.shape
+    diff = feats.reshape(b, d, h * w).transpose(2, 0, 1) - model.mean[:, None, :]  # (P, B, d)
+    prec = np.linalg.inv(model.covariance() + 0.01 * np.eye(d))
+    dist = np.sqrt(np.einsum("pbi,pij,pbj->bp", diff, prec, diff)).reshape(b, h, w)
+    maps = upsample(dist, 64)
+    np.testing.assert_allclose(scores["0"], maps.max(axis=(1, 2)), rtol=1e-4)
+    blurred = np.stack([ndimage.gaussian_filter(m, 4.0, mode="mirror", truncate=4.0) for m in maps])
+    np.testing.assert_allclose(scores["4"], blurred.max(axis=(1, 2)), rtol=1e-4)
+    assert (scores["4"] < scores["0"]).all()
+
+
+def test_layers_dims_backbone(tmp_path, capsys):
+    write_images(tmp_path / "imgs", 4, seed=3)
+    model = tmp_path / "m.zarr"
+    cli_json(capsys, "fit", tmp_path / "imgs", "--model", model, *SMALL, "--backbone", "resnet34",
+             "--layers", "layer1,layer2", "--dims", "50", "--no-finalize")
+    info = cli_json(capsys, "info", model)
+    assert info["backbone"] == "resnet34" and info["layers"] == ["layer1", "layer2"]
+    assert info["layer_channels"] == [64, 128] and info["dims"] == 50 and info["grid"] == [16, 16]
+    assert len(set(info["channels"])) == 50 and all(0 <= c < 192 for c in info["channels"])
+    assert ModelStore.open(model).mean_array().shape == (256, 50)
+
+
+def test_api_weights_file_and_finalize_model(tmp_path, capsys):
+    import torchvision
+
+    torch.manual_seed(5)
+    weights = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    write_images(tmp_path / "a", 3, seed=11)
+    write_images(tmp_path / "b", 3, seed=12, start=3)
+    model = tmp_path / "m.zarr"
+    cli_json(capsys, "fit", tmp_path / "a", "--model", model, "--weights", weights, "--resize", "72",
+             "--crop", "64", "--loader-workers", "0", "-q", "--no-finalize")
+    m = padim_ooc.fit(tmp_path / "b", model, weights=str(weights), finalize=False, loader_workers=0)
+    assert m.n_images == 6 and not m.finalized
+    m = padim_ooc.finalize_model(model, eps=0.2)
+    assert m.finalized and m.attrs["eps"] == 0.2
+    assert_precision(model, 0.2, positions=(0, 100))
+    with pytest.raises(padim_ooc.PadimError, match="eps"):
+        padim_ooc.finalize_model(model, eps=-1)
