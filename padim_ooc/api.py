@@ -96,7 +96,7 @@ def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *, e
     the store is finalized at the end (its real state)."""
     if eps is not None:
         check_eps(eps)
-    if store_exists(model):
+    if weights is not None and store_exists(model):
         check_weights(ModelStore.open(model).attrs, weights, model)
     with _client(workers, scheduler, client) as cl, store_lock(model, default_command()):
         if cl is None:
