@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import merge as _merge_module  # noqa: F401  loaded now, so that `padim_ooc.merge` stays the function below
 from .errors import PadimError
 from .extractor import Extractor
 from .finalize import DEFAULT_EPS, finalize as _finalize
@@ -192,17 +193,17 @@ def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, final
 
     An existing ``model`` keeps its images and gets the parts' (see
     :func:`padim_ooc.merge.merge_stores`). Returns ``model``, ``parts``,
-    ``added`` and ``n_images``.
+    ``added``, ``n_images`` and ``finalized`` (the store's state afterwards).
     """
     from .merge import merge_stores
 
     check_eps(eps)
-    with _client(workers, scheduler, client) as cl:
+    with _client(workers, scheduler, client) as cl, store_lock(model, default_command()):
         result = merge_stores(parts, model, client=cl)
-        if finalize:
-            with ModelStore.open(model, writable=True) as store:
+        with ModelStore.open(model, writable=True) as store:
+            if finalize:
                 _finalize(store, eps=eps, client=cl)
-    return result
+            return result | {"finalized": bool(store.attrs["finalized"])}
 
 
 def score_files(model: str | os.PathLike, paths: Sequence[str | os.PathLike], *, batch_size: int = 32,

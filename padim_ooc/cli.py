@@ -166,8 +166,8 @@ def fit(
     if preset is not None:  # the preset's options, overridden by those given explicitly
         from .presets import resolve
 
-        chosen = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop)
-        backbone, dims, resize, crop = (chosen[k] for k in ("backbone", "dims", "resize", "crop"))
+        chosen = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop, weights=_weights(weights))
+        backbone, dims, resize, crop, weights = (chosen[k] for k in ("backbone", "dims", "resize", "crop", "weights"))
     given = {"backbone": backbone, "layers": _layers(layers), "seed": seed, "resize": resize, "crop": crop,
              "dims": dims}
     extractor = None
@@ -215,20 +215,10 @@ def merge(
     scheduler: Optional[str] = SchedulerOpt,
 ):
     """Merge model stores fitted elsewhere into one model (Chan's formula, chunk by chunk)."""
-    from .distributed import open_client
-    from .finalize import finalize as run_finalize
-    from .lock import store_lock
-    from .merge import merge_stores
-    from .api import check_eps
-    from .store import ModelStore
+    from .api import merge as merge_parts
 
-    check_eps(eps)
-    with open_client(workers, scheduler) as client, store_lock(model, "padim-ooc merge"):
-        result = merge_stores(parts, model, client=client)
-        with ModelStore.open(model, writable=True) as store:
-            if not no_finalize:
-                run_finalize(store, eps=eps, client=client)
-    typer.echo(json.dumps(result | {"finalized": not no_finalize}))
+    result = merge_parts(parts, model, finalize=not no_finalize, eps=eps, workers=workers, scheduler=scheduler)
+    typer.echo(json.dumps(result))
 
 
 @command

@@ -160,7 +160,7 @@ def check_options(batch_size: int, checkpoint_every: int | None, on_error: str) 
 def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summary: FitSummary, *,
                 batch_size: int, checkpoint_every: int | None, loader_workers: int | None,
                 on_error: str, progress: bool, max_memory: int | None = None) -> None:
-    plan = memory_plan(store.attrs, batch_size, max_memory)
+    plan = memory_plan(store.attrs, batch_size, max_memory, device=extractor.device)
     _say(plan.describe(), progress)
     summary.blocks = plan.blocks
     if plan.blocks > 1:
@@ -232,7 +232,7 @@ def _bad_image(path: Path, err: str, on_error: str, summary: FitSummary) -> None
     summary.skipped.append((name, err))
 
 
-def memory_plan(config: dict, batch_size: int, budget: int | None = None) -> MemoryPlan:
+def memory_plan(config: dict, batch_size: int, budget: int | None = None, device=None) -> MemoryPlan:
     """The plan a fit makes for ``budget`` bytes.
 
     ``config``: a model's attributes or ``Extractor.config()`` (``grid``,
@@ -241,7 +241,7 @@ def memory_plan(config: dict, batch_size: int, budget: int | None = None) -> Mem
     """
     positions, dims = config["grid"][0] * config["grid"][1], config["dims"]
     return plan_memory(positions, dims, batch_size=batch_size, crop=config["crop"],
-                       budget=budget or default_budget(),
+                       budget=budget or default_budget(device),
                        fold_samples=fold_samples(positions, dims, batch_size))
 
 

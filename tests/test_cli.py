@@ -287,3 +287,33 @@ def test_api_weights_file_and_finalize_model(tmp_path, capsys):
     assert_precision(model, 0.2, positions=(0, 100))
     with pytest.raises(padim_ooc.PadimError, match="eps"):
         padim_ooc.finalize_model(model, eps=-1)
+
+
+def test_fit_preset_uses_the_paper_weights(tmp_path, monkeypatch, capsys):
+    """`fit --preset wr50-rd550` loads torchvision's V1 weights (the paper's), not `default` (V2):
+    a state dict placed in the torch cache under V1's file name is the one loaded, offline."""
+    import torchvision
+    from torchvision.models import Wide_ResNet50_2_Weights as W
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(7)
+    net = torchvision.models.wide_resnet50_2()
+    torch.save(net.state_dict(), cache / W.IMAGENET1K_V1.url.rsplit("/", 1)[1])
+    write_images(tmp_path / "imgs", 3, seed=13)
+    model = tmp_path / "m.zarr"
+    cli_json(capsys, "fit", tmp_path / "imgs", "--model", model, "--preset", "wr50-rd550", "--resize", "72",
+             "--crop", "64", "--loader-workers", "0", "-q", "--no-finalize")
+    info = cli_json(capsys, "info", model)
+    assert info["weights"].endswith("IMAGENET1K_V1") and info["dims"] == 550
+    # the features are those of the cached state dict
+    m = padim_ooc.open_model(model)
+    reference = torchvision.models.feature_extraction.create_feature_extractor(
+        net.eval(), return_nodes=["layer1"])
+    x = torch.zeros(1, 3, 64, 64)
+    with torch.inference_mode():
+        mine = m.extractor.embed(x)
+        first = reference(x)["layer1"]
+    layer1 = [c for c in info["channels"] if c < 256]
+    np.testing.assert_allclose(mine[0, :len(layer1)].numpy(), first[0, layer1].numpy(), rtol=1e-4, atol=1e-5)

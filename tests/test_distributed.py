@@ -272,7 +272,9 @@ def test_cli_finalize_and_merge_on_a_cluster(cluster, tmp_path, image_dir, extra
     for name, folder in (("pa", "a"), ("pb", "b")):
         parts.append(tmp_path / f"{name}.zarr")
         po.fit([image_dir / folder], parts[-1], extractor=extractor, batch_size=5, loader_workers=0, finalize=False)
-    from padim_ooc.api import merge as api_merge  # po.merge: the submodule padim_ooc.merge once imported
+    import padim_ooc.merge  # noqa: F401  (must not replace the function po.merge)
+
+    api_merge = po.merge
 
     api_merge(parts, tmp_path / "api.zarr", finalize=True)
     from typer.testing import CliRunner
