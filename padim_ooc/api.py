@@ -99,7 +99,8 @@ def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *, e
         check_eps(eps)
     if weights is not None and store_exists(model):
         check_weights(ModelStore.open(model).attrs, weights, model)
-    with _client(workers, scheduler, client) as cl, store_lock(model, default_command()):
+    # the lock first: a refused writer starts no cluster
+    with store_lock(model, default_command()), _client(workers, scheduler, client) as cl:
         if cl is None:
             summary = fit_store(sources, model, extractor=extractor, batch_size=batch_size,
                                 checkpoint_every=checkpoint_every, loader_workers=loader_workers,
@@ -112,9 +113,8 @@ def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *, e
                                   checkpoint_every=checkpoint_every, on_error=on_error, progress=progress,
                                   device=device, weights=weights, max_memory=max_memory)
         with ModelStore.open(model, writable=True) as store:
-            stored = store.attrs["eps"]
-            wanted = eps if eps is not None else (DEFAULT_EPS if stored is None else stored)
-            if finalize and (not store.attrs["finalized"] or wanted != stored):
+            wanted = eps_for(store.attrs, eps)
+            if finalize and (not store.attrs["finalized"] or wanted != store.attrs["eps"]):
                 n = store.n_images
                 if n < 2:
                     raise PadimError(f"the statistics of {n} image{'s' * (n != 1)} are saved in {model}, but "
@@ -123,7 +123,7 @@ def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *, e
             return summary, bool(store.attrs["finalized"])
 
 
-def finalize_model(path: str | os.PathLike, *, eps: float = DEFAULT_EPS, workers: int | None = None,
+def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers: int | None = None,
                    scheduler: str | None = None, client=None) -> Model:
     """Compute the precision matrices of a fitted model: ``inv(m2 / (n - 1) + eps I)``.
 
@@ -135,8 +135,9 @@ def finalize_model(path: str | os.PathLike, *, eps: float = DEFAULT_EPS, workers
     ----------
     path : path or URL
         The model store (statistics of at least 2 images).
-    eps : float
-        Added to the diagonal of every covariance (>= 0).
+    eps : float, optional
+        Added to the diagonal of every covariance (>= 0). Default: the
+        model's current eps, or 0.01 for a model never finalized.
     workers, scheduler, client
         Run the position chunks on a Dask cluster, as in :func:`fit`.
 
@@ -145,9 +146,10 @@ def finalize_model(path: str | os.PathLike, *, eps: float = DEFAULT_EPS, workers
     Model
         The opened, finalized model.
     """
-    check_eps(eps)
+    if eps is not None:
+        check_eps(eps)
     with ModelStore.open(path, writable=True) as store, _client(workers, scheduler, client) as cl:
-        _finalize(store, eps=eps, client=cl)
+        _finalize(store, eps=eps_for(store.attrs, eps), client=cl)
     return open_model(path)
 
 
@@ -158,51 +160,73 @@ def check_eps(eps: float) -> float:
     return eps
 
 
+def eps_for(stored: dict, eps: float | None) -> float:
+    """The eps to finalize with: ``eps`` if given, else the model's current eps
+    (``stored["eps"]``), else :data:`~padim_ooc.finalize.DEFAULT_EPS` (0.01) for a
+    model never finalized. What ``fit``, ``merge`` and ``finalize`` all use."""
+    if eps is not None:
+        return eps
+    return DEFAULT_EPS if stored.get("eps") is None else stored["eps"]
+
+
 def check_weights(stored: dict, weights: str | None, path) -> None:
     """Refuse ``weights`` that are not those the model was fitted with, before any
     backbone is built (``default`` would download weights first).
 
     ``stored["weights"]`` is ``random:seed=S``, ``torchvision:<enum>`` or
-    ``file:<sha256>``. A file given for a model fitted with another file is
-    compared by hash; other files are left to the digest check of the weights.
+    ``file:<sha256>``. ``default`` and ``torchvision:...`` are resolved for the
+    model's backbone (:func:`padim_ooc.backbones.torchvision_weights`) and must be
+    the stored enum member itself (``default`` for EfficientNet-Lite0: the
+    installed file, by hash). A file given for a model fitted with another file
+    is compared by hash; other files are left to the digest check of the weights.
     """
     if weights is None:
         return
-    from .backbones import LITE0, file_hash
+    from .backbones import LITE0, file_hash, torchvision_weights
 
-    wid = stored["weights"]
+    wid, backbone = stored["weights"], stored["backbone"]
+    names = ""  # what `weights` resolves to, where that is not what it says
     if weights.lower() == "none":
         same = wid.startswith("random:")
-    elif weights == "default":
-        same = wid.startswith("torchvision:") or (stored["backbone"] == LITE0 and wid.startswith("file:"))
-    elif weights.startswith("torchvision:"):
-        same = wid.startswith("torchvision:") and wid.split(".")[-1] == weights.split(".")[-1]
+    elif backbone == LITE0 and weights == "default":
+        from .lite0 import lite0_weights_path
+
+        same = wid.startswith("file:") and file_hash(lite0_weights_path()) == wid[len("file:"):]
+    elif weights == "default" or weights.startswith("torchvision:"):
+        given = None if backbone == LITE0 else torchvision_weights(backbone, weights)
+        same = wid.startswith("torchvision:") and given is torchvision_weights(backbone, wid)
+        if given is not None and f"torchvision:{given}" != weights:
+            names = f" ({given})"  # `default` is not always the member a model was fitted with
     elif wid.startswith("file:") and Path(weights).is_file():
         same = file_hash(Path(weights)) == wid[len("file:"):]
     else:
         return
     if not same:
-        raise PadimError(f"the model {os.fspath(path)} was fitted with the weights {wid}, not {weights!r}; "
+        raise PadimError(f"the model {os.fspath(path)} was fitted with the weights {wid}, not {weights!r}{names}; "
                          "leave the weights out (the model's own are used), or use a new model path for other weights")
 
 
 def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, finalize: bool = True,
-          eps: float = DEFAULT_EPS, workers: int | None = None, scheduler: str | None = None,
+          eps: float | None = None, workers: int | None = None, scheduler: str | None = None,
           client=None) -> dict:
     """Merge stores fitted on disjoint image sets (same configuration) into ``model``.
 
     An existing ``model`` keeps its images and gets the parts' (see
     :func:`padim_ooc.merge.merge_stores`). Returns ``model``, ``parts``,
     ``added``, ``n_images`` and ``finalized`` (the store's state afterwards).
+    ``finalize`` finalizes the merged model with ``eps`` (default: the model's
+    current eps, or 0.01 for a new model or one never finalized).
     """
     from .merge import merge_stores
 
-    check_eps(eps)
-    with _client(workers, scheduler, client) as cl, store_lock(model, default_command()):
+    if eps is not None:
+        check_eps(eps)
+    # the lock first: a refused writer starts no cluster
+    with store_lock(model, default_command()), _client(workers, scheduler, client) as cl:
         result = merge_stores(parts, model, client=cl)
         with ModelStore.open(model, writable=True) as store:
             if finalize:
-                _finalize(store, eps=eps, client=cl)
+                _finalize(store, eps=eps_for(store.attrs, eps), client=cl)
             return result | {"finalized": bool(store.attrs["finalized"])}
 
 

@@ -194,7 +194,8 @@ def fit(
 @command
 def finalize(
     model: str = typer.Argument(..., help="Model store."),
-    eps: float = typer.Option(0.01, "--eps", help="Added to the covariance diagonal."),
+    eps: Optional[float] = typer.Option(None, "--eps", show_default=False, help="Added to the covariance "
+                                        "diagonal [the model's eps, 0.01 for a model never finalized]."),
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
 ):
@@ -202,7 +203,7 @@ def finalize(
     from .api import finalize_model
 
     m = finalize_model(model, eps=eps, workers=workers, scheduler=scheduler)
-    typer.echo(json.dumps({"model": model, "finalized": True, "eps": eps, "n_images": m.n_images}))
+    typer.echo(json.dumps({"model": model, "finalized": True, "eps": m.attrs["eps"], "n_images": m.n_images}))
 
 
 @command
@@ -210,7 +211,8 @@ def merge(
     parts: List[str] = typer.Argument(..., metavar="PARTS", help="Model stores fitted on disjoint image sets, same configuration."),
     model: str = typer.Option(..., "--model", help="Output store: created, or extended if it exists."),
     no_finalize: bool = typer.Option(False, "--no-finalize", help="Leave the merged model unfinalized."),
-    eps: float = typer.Option(0.01, "--eps", help="Added to the covariance diagonal at finalize."),
+    eps: Optional[float] = typer.Option(None, "--eps", show_default=False, help="Added to the covariance "
+                                        "diagonal at finalize [the model's eps, 0.01 for a new model]."),
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
 ):

@@ -317,3 +317,96 @@ def test_fit_preset_uses_the_paper_weights(tmp_path, monkeypatch, capsys):
         first = reference(x)["layer1"]
     layer1 = [c for c in info["channels"] if c < 256]
     np.testing.assert_allclose(mine[0, :len(layer1)].numpy(), first[0, layer1].numpy(), rtol=1e-4, atol=1e-5)
+
+
+# ---- eps: one meaning in fit, merge and finalize (given, else the model's, else 0.01) ----
+
+def assert_precision_of(model, x, eps, positions=(0, 7, 14)):
+    """The stored float32 precision equals numpy's inv(cov(x[p]) + eps I) (float64); x (P, n, d)."""
+    prec = stored_precision(model)
+    for p in positions:
+        expected = np.linalg.inv(np.cov(x[p], rowvar=False) + eps * np.eye(x.shape[2]))
+        np.testing.assert_allclose(prec[p], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_merge_and_finalize_keep_the_models_eps(tmp_path, capsys):
+    from test_merge import synthetic
+
+    x = 3 + np.random.default_rng(8).normal(size=(15, 11, 4))  # (P, n, d)
+    synthetic(tmp_path / "a.zarr", x[:, :6], [bytes([i]) * 16 for i in range(6)])
+    synthetic(tmp_path / "b.zarr", x[:, 6:], [bytes([i]) * 16 for i in range(6, 11)])
+    model = tmp_path / "m.zarr"
+    assert cli_json(capsys, "merge", tmp_path / "a.zarr", "--model", model)["finalized"]
+    assert cli_json(capsys, "info", model)["eps"] == 0.01  # a new model: 0.01
+    cli_json(capsys, "finalize", model, "--eps", "0.3")
+    # finalize without --eps: the model's 0.3, not 0.01
+    assert cli_json(capsys, "finalize", model)["eps"] == 0.3
+    assert_precision_of(model, x[:, :6], 0.3)
+    # merge into a model finalized at 0.3: finalized again at 0.3
+    out = cli_json(capsys, "merge", tmp_path / "b.zarr", "--model", model)
+    assert out["n_images"] == 11 and out["finalized"]
+    assert cli_json(capsys, "info", model)["eps"] == 0.3
+    assert_precision_of(model, x, 0.3)
+    # the API, the same rule
+    assert padim_ooc.finalize_model(model).attrs["eps"] == 0.3
+    assert_precision_of(model, x, 0.3)
+
+
+# ---- weights: `default` and `torchvision:...` are the enum member of the model's backbone ----
+
+def test_weights_check_compares_the_enum_members(tmp_path, image_dir, monkeypatch, capsys):
+    from padim_ooc.api import check_weights
+    from test_merge import CONFIG, synthetic
+
+    r18 = {"backbone": "resnet18", "weights": "torchvision:ResNet18_Weights.IMAGENET1K_V1"}
+    wr50 = {"backbone": "wide_resnet50_2", "weights": "torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1"}
+    # the same member name of another model's weights: refused
+    with pytest.raises(padim_ooc.PadimError, match="unknown weights .*Wide_ResNet50_2_Weights.* for resnet18"):
+        check_weights(r18, "torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1", "m.zarr")
+    # `default` is V2 for wide_resnet50_2: not the V1 a wr50-rd550 model was fitted with
+    with pytest.raises(padim_ooc.PadimError, match=r"IMAGENET1K_V1, not 'default' \(Wide_ResNet50_2_Weights"
+                                                   r"\.IMAGENET1K_V2\)"):
+        check_weights(wr50, "default", "m.zarr")
+    for same in ("torchvision:IMAGENET1K_V1", "torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1"):
+        check_weights(wr50, same, "m.zarr")
+    check_weights(r18, "default", "m.zarr")  # V1 is resnet18's default
+    # the command line: one line, before any backbone is built (nothing downloaded), nothing added
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    model = tmp_path / "wr50.zarr"
+    x = np.random.default_rng(9).normal(size=(15, 3, 4))
+    synthetic(model, x, [bytes([i]) * 16 for i in range(3)], dict(CONFIG, **wr50))
+    err = cli_error(capsys, "fit", image_dir / "a", "--model", model, "--weights", "default", "-q",
+                    text="not 'default' (Wide_ResNet50_2_Weights.IMAGENET1K_V2)")
+    assert "Downloading" not in err and ModelStore.open(model).n_images == 3
+
+
+# ---- a writer refused by the lock starts no Dask cluster ----
+
+HOLD_LOCKS = ("import sys; from padim_ooc.lock import acquire\n"
+              "for path in sys.argv[1:]: acquire(path, 'padim-ooc fit (test holder)')\n"
+              "print('held', flush=True); sys.stdin.read()")
+
+
+def test_a_refused_writer_starts_no_cluster(tmp_path, image_dir, fitted, capsys):
+    import subprocess
+    import sys
+
+    from test_merge import synthetic
+
+    x = np.random.default_rng(10).normal(size=(15, 6, 4))
+    synthetic(tmp_path / "part.zarr", x[:, :3], [bytes([i]) * 16 for i in range(3)])
+    synthetic(tmp_path / "m.zarr", x[:, 3:], [bytes([i]) * 16 for i in range(3, 6)])
+    shutil.copytree(fitted, tmp_path / "f.zarr")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCKS, str(tmp_path / "m.zarr"), str(tmp_path / "f.zarr")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (["merge", tmp_path / "part.zarr", "--model", tmp_path / "m.zarr"],
+                     ["fit", image_dir / "b", "--model", tmp_path / "f.zarr", "-q"],
+                     ["finalize", tmp_path / "f.zarr"]):
+            err = cli_error(capsys, *args, "--workers", "2", text="is being written by `padim-ooc fit (test holder)`")
+            assert "dashboard" not in err, (args[0], err)  # cli_error: that one line only
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert ModelStore.open(tmp_path / "m.zarr").n_images == 3 and ModelStore.open(tmp_path / "f.zarr").n_images == 20
