@@ -18,11 +18,13 @@ from typing import Sequence
 import numpy as np
 
 from .api import fit
+from .backbones import LITE0, file_hash, torchvision_weights
 from .errors import PadimError
 from .evaluate import evaluate
 from .extractor import Extractor
 from .layouts import find_classes, find_layout
-from .presets import PAPER_MVTEC_MEAN, PRESETS
+from .lite0 import lite0_weights_path
+from .presets import PAPER_MVTEC_MEAN, PRESETS, weights_for
 
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 HEADERS = ("image AUROC", "pixel AUROC", "PRO")
@@ -107,12 +109,32 @@ def overrides(extractor: Extractor, preset: str) -> list[str]:
     for name in ("resize", "crop"):
         if getattr(extractor.preprocess, name) != want[name]:
             out.append(f"{name} {getattr(extractor.preprocess, name)} (preset: {want[name]})")
-    wid = extractor.weights_id
-    if wid.startswith("random:"):
-        out.append("random weights (preset: ImageNet)")
-    elif wid.startswith("file:") and want["backbone"] != "efficientnet_lite0":
-        out.append("weights from a file (preset: ImageNet)")
+    note = _weights_override(extractor, weights_for(want, extractor.backbone))
+    if note:
+        out.append(note)
     return out
+
+
+def _weights_override(extractor: Extractor, preset_weights: str) -> str | None:
+    """How the extractor's weights differ from ``preset_weights`` (the preset's for
+    its backbone), or None. torchvision weights are compared as enum members, the
+    EfficientNet-Lite0 file by hash; nothing is downloaded."""
+    wid, backbone = extractor.weights_id, extractor.backbone
+    if wid.startswith("random:"):
+        return "random weights (preset: ImageNet)"
+    if backbone == LITE0:
+        try:
+            installed = "file:" + file_hash(lite0_weights_path())
+        except (PadimError, OSError):  # the weights package is not installed: these are another file
+            installed = None
+        if preset_weights == "default" and wid == installed:
+            return None
+        return "weights from a file (preset: the installed EfficientNet-Lite0 ImageNet weights)"
+    want = torchvision_weights(backbone, preset_weights)
+    if wid.startswith("file:"):
+        return f"weights from a file (preset: {want})"
+    have = torchvision_weights(backbone, wid)
+    return None if have is want else f"weights {have} (preset: {want})"
 
 
 def _pct(value) -> str:

@@ -48,7 +48,8 @@ def resolve(name: str | None, **given: Any) -> dict[str, Any]:
     """Preset options overridden by the options given (``None`` = not given).
 
     Without a preset the defaults are resnet18 (Rd100), resize 256, crop 224
-    (or the resize if smaller), pretrained weights.
+    (or the resize if smaller), pretrained weights. A backbone given without
+    weights gets the preset's weights carried over (:func:`weights_for`).
     """
     base = preset(name) if name else {"backbone": "resnet18", "dims": None, "resize": 256,
                                       "crop": None, "weights": "default"}
@@ -56,6 +57,32 @@ def resolve(name: str | None, **given: Any) -> dict[str, Any]:
     for key, value in given.items():
         if value is not None:
             out[key] = value
+    if given.get("weights") is None:
+        out["weights"] = weights_for(base, out["backbone"])
     if given.get("crop") is None:  # the default crop never exceeds a smaller resize given
         out["crop"] = min(out["crop"] or 224, out["resize"])
     return out
+
+
+def weights_for(options: dict[str, Any], backbone: str) -> str:
+    """The weights a preset's ``options`` give ``backbone``.
+
+    Its own weights for its own backbone. For another backbone, the same
+    torchvision member if that backbone has one (the ResNet presets' original
+    ``IMAGENET1K_V1``: ``r18-rd100`` with wide_resnet50_2 gives
+    ``Wide_ResNet50_2_Weights.IMAGENET1K_V1``), else ``default``.
+    Nothing is downloaded.
+    """
+    weights = options["weights"]
+    if backbone == options["backbone"]:
+        return weights
+    if not weights.startswith("torchvision:"):
+        return "default"
+    from torchvision.models import get_model_weights
+
+    member = weights.rpartition(".")[2].removeprefix("torchvision:")
+    try:
+        enum = get_model_weights(backbone)
+    except (ValueError, KeyError):  # not a torchvision model (efficientnet_lite0, or a typo: said later)
+        return "default"
+    return f"torchvision:{enum.__name__}.{member}" if member in enum.__members__ else "default"

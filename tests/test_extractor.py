@@ -280,6 +280,65 @@ def test_presets_name_the_papers_v1_weights():
         po.Extractor("resnet18", weights="torchvision:ResNet50_Weights.IMAGENET1K_V1", resize=64, crop=64)
 
 
+def test_a_preset_with_another_backbone_carries_its_weights_over():
+    """`--preset` with `--backbone` and no `--weights`: the preset's torchvision member for that
+    backbone if it has one (the ResNet presets' V1), else `default`; given weights always win."""
+    from torchvision.models import ResNet34_Weights, Wide_ResNet50_2_Weights
+
+    from padim_ooc.backbones import torchvision_weights
+    from padim_ooc.presets import resolve
+
+    got = resolve("r18-rd100", backbone="wide_resnet50_2")
+    assert got["weights"] == "torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1"
+    assert torchvision_weights("wide_resnet50_2", got["weights"]) is Wide_ResNet50_2_Weights.IMAGENET1K_V1
+    got = resolve("wr50-rd550", backbone="resnet34")
+    assert torchvision_weights("resnet34", got["weights"]) is ResNet34_Weights.IMAGENET1K_V1
+    assert resolve("wr50-rd550", backbone="resnet18")["weights"] == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    assert resolve("r18-rd100", backbone="efficientnet_lite0")["weights"] == "default"  # not torchvision
+    assert resolve("lite0", backbone="resnet18")["weights"] == "default"
+    assert resolve("r18-rd100", backbone="resnet18")["weights"] == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    assert resolve("r18-rd100", backbone="wide_resnet50_2", weights="default")["weights"] == "default"
+    assert resolve(None, backbone="wide_resnet50_2")["weights"] == "default"
+
+
+def test_preset_backbone_override_and_the_benchmarks_weights_note(tmp_path, monkeypatch, capsys):
+    """`fit --preset r18-rd100 --backbone mobilenet_v2` loads mobilenet_v2's V1 weights (not
+    ResNet18's: refused before), and the benchmark's notes flag weights other than the preset's
+    (V2 from `default`). Random state dicts in the torch cache under V1's and V2's file names."""
+    from torchvision.models import MobileNet_V2_Weights as W
+
+    from padim_ooc.benchmark import overrides
+    from test_cli import cli_json
+
+    from conftest import write_images
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    nets = {}
+    for seed, member in enumerate((W.IMAGENET1K_V1, W.IMAGENET1K_V2)):
+        torch.manual_seed(seed)
+        nets[member] = get_model("mobilenet_v2", weights=None)
+        torch.save(nets[member].state_dict(), cache / member.url.rsplit("/", 1)[1])
+    write_images(tmp_path / "imgs", 3, seed=13)
+    model = tmp_path / "m.zarr"
+    layers = ["features.3", "features.6"]
+    cli_json(capsys, "fit", tmp_path / "imgs", "--model", model, "--preset", "r18-rd100", "--backbone",
+             "mobilenet_v2", "--layers", ",".join(layers), "--dims", "10", "--resize", "72", "--crop", "64",
+             "--loader-workers", "0", "-q", "--no-finalize")
+    info = cli_json(capsys, "info", model)
+    assert info["weights"] == "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1" and info["backbone"] == "mobilenet_v2"
+    ex = po.open_model(model).extractor
+    assert torch.equal(ex._module.state_dict()["features.0.0.weight"], nets[W.IMAGENET1K_V1].features[0][0].weight)
+    # the benchmark's notes: V1 is what the preset gives mobilenet_v2, V2 (`default`) is flagged
+    assert not [n for n in overrides(ex, "r18-rd100") if "weights" in n]
+    v2 = po.Extractor("mobilenet_v2", layers=layers, dims=10, weights="default", resize=72, crop=64, device="cpu")
+    assert v2.weights_id == "torchvision:MobileNet_V2_Weights.IMAGENET1K_V2"
+    notes = overrides(v2, "r18-rd100")
+    assert "weights MobileNet_V2_Weights.IMAGENET1K_V2 (preset: MobileNet_V2_Weights.IMAGENET1K_V1)" in notes
+    assert "backbone mobilenet_v2 (preset: resnet18)" in notes
+
+
 @pytest.mark.parametrize("crop", [64, 100])
 def test_patch_layout_equals_interpolated_concat(crop):
     """embed_patches writes the nearest-upsampled channels in place: the same values as
