@@ -1,16 +1,19 @@
 """Chunk-level I/O of the model store, and the checks that a chunk read is real.
 
 Zarr reads a chunk that is not stored as its fill value (0), without a word.
-In a padim_ooc store every chunk of a live array is written (``COMPLETE_KEY``),
-so a missing chunk means damage, or a writer that replaced the state while it
-was being read and deleted the old one. Three checks catch it:
+In a padim_ooc store every chunk of an array marked ``COMPLETE_KEY`` is
+written (every array padim_ooc writes is), so a missing chunk means damage, or
+a writer that replaced the state while it was being read and deleted the old
+one. Three checks catch it (:func:`open_checked` is where the rule lives):
 
-- :func:`check_chunks`, when an array is opened: every expected chunk key is
-  stored, and (local, uncompressed) has its exact size;
-- :class:`CheckedStore`, under every read of a live array (also the reads
+- :func:`check_chunks`, when a marked array is opened: every expected chunk key
+  is stored, and (local, uncompressed) has its exact size;
+- :class:`CheckedStore`, under every read of a marked array (also the reads
   that Dask tasks do on workers, from pickled arrays): a chunk that is not there
-  raises instead of reading as zeros;
-- :func:`read_array`, after reading: the root still points at the array's group.
+  raises instead of reading as zeros. An array without the marker may lack
+  all-zero chunks (written without ``write_empty_chunks``): they read as zeros;
+- :func:`read_array`, after reading: the root still points at the array's group
+  (any array opened by :func:`open_checked`).
 
 Also here: chunk-wise writes, flushing to the disk, removing leftovers from a
 local store folder, the test hook :func:`pause_point`, and local paths made
@@ -91,28 +94,30 @@ def _is_chunk_key(key: str) -> bool:
 
 
 class CheckedStore(WrapperStore):
-    """A zarr store (wrapped) whose reads of a missing chunk raise instead of giving zeros.
+    """A zarr store (wrapped) that knows which model it reads, for the liveness checks.
 
-    Used for the live arrays of a model (all of whose chunks are stored).
-    It pickles with the store it wraps, so arrays handed to Dask workers keep
-    the check. ``model`` is the store's path, for the messages.
+    With ``complete=True`` (an array all of whose chunks are stored) a read of
+    a missing chunk raises instead of giving zeros. It pickles with the store
+    it wraps, so arrays handed to Dask workers keep the check. ``model`` is the
+    store's path, for the messages.
     """
 
-    def __init__(self, store, model: str):
+    def __init__(self, store, model: str, complete: bool = True):
         super().__init__(store)
         self.model = model
+        self.complete = complete
 
     def _with_store(self, store) -> "CheckedStore":
-        return type(self)(store, self.model)
+        return type(self)(store, self.model, self.complete)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, CheckedStore) and self._store == other._store
 
     async def get(self, key: str, prototype, byte_range=None):
         buf = await self._store.get(key, prototype, byte_range)
-        if buf is None and _is_chunk_key(key):
+        if buf is None and self.complete and _is_chunk_key(key):
             array, _, chunk = key.partition("/c/") if "/c/" in key else (key[:-2], "", "c")
-            if not await self._still_live(array, prototype):
+            if not await self._still_live(array, prototype=prototype):
                 raise self.changed()
             raise PadimError(f"the model {self.model} is damaged: chunk c/{chunk} of {array} is missing")
         return buf
@@ -121,24 +126,37 @@ class CheckedStore(WrapperStore):
         return PadimError(f"the model {self.model} changed while it was being read (a writer "
                           "replaced its state): run the command again")
 
-    async def _still_live(self, array_path: str, prototype=None) -> bool:
-        """Whether the root attributes still point at the group of ``array_path``."""
+    async def _still_live(self, *array_paths: str, prototype=None) -> bool:
+        """Whether the root attributes still point at the groups of all ``array_paths``
+        (one read of the root metadata, however many paths)."""
         from zarr.core.buffer import default_buffer_prototype
 
         try:
             raw = await self._store.get("zarr.json", prototype or default_buffer_prototype())
-            attrs = json.loads(raw.to_bytes())["attributes"][ATTR_KEY]
-            return _is_live(array_path, live_names(attrs))
+            live = live_names(json.loads(raw.to_bytes())["attributes"][ATTR_KEY])
         except Exception:  # the root itself is unreadable: not the state that was opened
             return False
+        return all(_is_live(path, live) for path in array_paths)
 
-    def still_live(self, array_path: str) -> bool:
-        return zarr.core.sync.sync(self._still_live(array_path))
+    def still_live(self, *array_paths: str) -> bool:
+        return zarr.core.sync.sync(self._still_live(*array_paths))
 
 
 def open_checked(group: zarr.Group, path: str, model: str) -> zarr.Array:
-    """The array ``path`` of ``group``, read through a :class:`CheckedStore`."""
-    return zarr.open_array(CheckedStore(group.store, model), path=path, mode="r")
+    """The array ``path`` of ``group``, read through a :class:`CheckedStore`.
+
+    The one place that decides what is checked: an array marked
+    ``COMPLETE_KEY`` must have every chunk stored, now (:func:`check_chunks`)
+    and at every later read (a missing chunk raises); an unmarked one reads a
+    chunk that is not stored as zeros. Both get the liveness check of
+    :func:`read_array`.
+    """
+    store = CheckedStore(group.store, model, complete=False)
+    arr = zarr.open_array(store, path=path, mode="r")
+    if arr.attrs.get(COMPLETE_KEY):
+        check_chunks(arr, model)
+        store.complete = True  # this wrapper is the array's own: from now on, reads refuse a missing chunk
+    return arr
 
 
 def check_chunks(arr: zarr.Array, model: str) -> None:
@@ -179,12 +197,15 @@ def check_chunks(arr: zarr.Array, model: str) -> None:
                          f"chunks of {arr.path} are missing")
 
 
-def read_array(arr: zarr.Array, rows: slice = slice(None)) -> np.ndarray:
+def read_array(arr: zarr.Array, rows: slice = slice(None), *, check_live: bool = True) -> np.ndarray:
     """Read an array (or ``rows`` of its first axis), with a clear error if a chunk is damaged.
 
     An array opened by the model store (:func:`open_checked`) refuses a missing
-    chunk while it reads, and after the read checks that the root still points
-    at it: data of a state a writer replaced meanwhile is never returned.
+    chunk while it reads (if marked complete), and after the read checks that
+    the root still points at it: data of a state a writer replaced meanwhile is
+    never returned. ``check_live=False`` skips that check (one read of the root
+    metadata), for a caller that reads many arrays and checks them all at once
+    afterwards with ``CheckedStore.still_live(*paths)``.
     """
     try:
         out = arr[rows] if arr.ndim else arr[...]
@@ -193,7 +214,7 @@ def read_array(arr: zarr.Array, rows: slice = slice(None)) -> np.ndarray:
     except Exception as err:
         raise PadimError(f"the model store is damaged: cannot read {arr.path} "
                          f"({type(err).__name__}: {err})") from None
-    if isinstance(arr.store, CheckedStore) and not arr.store.still_live(arr.path):
+    if check_live and isinstance(arr.store, CheckedStore) and not arr.store.still_live(arr.path):
         raise arr.store.changed()
     expected = (len(range(*rows.indices(arr.shape[0]))),) + arr.shape[1:] if arr.ndim else ()
     if arr.shape and arr.shape[0] and out.shape != expected:  # pragma: no cover - defensive
@@ -205,7 +226,7 @@ def write_array(arr: zarr.Array, data: np.ndarray) -> None:
     """Write a whole array, one chunk of rows (first axis) at a time.
 
     An ``OSError`` (full disk, I/O error) propagates: the caller's
-    ``ModelStore._switching`` turns it into a clear error.
+    ``ModelStore.switching`` turns it into a clear error.
     """
     rows = arr.chunks[0] if arr.ndim else 1
     if arr.ndim == 0 or arr.shape[0] == 0:

@@ -6,8 +6,8 @@ Layout::
     M.zarr/state-000007/mean    (P, d) float64   running mean
     M.zarr/state-000007/m2      (P, d, d) float64 sum of outer products of deviations
     M.zarr/ledger/000003        (k, 16) uint8    digests of the images folded in, per checkpoint
-    M.zarr/final-000007/precision  (P, d, d) float32  after finalize
-    M.zarr/final-000007/mean       (P, d) float32
+    M.zarr/final-000007-2/precision  (P, d, d) float32  after finalize (of state 7; the 2nd finalization)
+    M.zarr/final-000007-2/mean       (P, d) float32
 
 A checkpoint writes a *new* state group (and a new ledger segment), then
 rewrites the root attributes in one write (Zarr's local store writes a
@@ -32,7 +32,7 @@ import zarr
 
 from . import __version__
 from . import lock
-from .chunks import (ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, check_chunks, empty_folder, fsync, is_url as _is_url,
+from .chunks import (ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, empty_folder, fsync, is_url as _is_url,
                      live_names, open_checked, remove_leftovers, pause_point, read_array, shared_path, sync_tree, wait_for_zarr_writes,
                      write_array)
 from .errors import PadimError
@@ -49,7 +49,7 @@ def positions_per_chunk(dims: int, target: int = CHUNK_TARGET_BYTES) -> int:
     return max(1, target // (dims * dims * 8))
 
 
-def _zarr_options(path: str) -> dict:
+def zarr_options(path: str) -> dict:
     """Extra arguments zarr needs to write at ``path``: file:// URLs must create their folders."""
     return {"storage_options": {"auto_mkdir": True}} if path.startswith("file://") else {}
 
@@ -135,12 +135,13 @@ class ModelStore:
             "ledger": [],
             "finalized": False,
             "final": None,
+            "finals": 0,
             "eps": None,
             "chunk_positions": positions_per_chunk(config["dims"]),
         }
         try:  # group and attributes in one write: a store is never seen without its attributes
             group = zarr.create_group(path, overwrite=_is_url(path), attributes={ATTR_KEY: attrs},
-                                      **_zarr_options(path))
+                                      **zarr_options(path))
         except OSError as err:
             raise PadimError(f"cannot create the model store {path}: {err.strerror or err}") from None
         return cls(group, path, writable=True)
@@ -159,7 +160,7 @@ class ModelStore:
         locked = writable and lock.acquire(path, lock.default_command())
         try:
             try:
-                group = zarr.open_group(path, mode="r+" if writable else "r", **_zarr_options(path))
+                group = zarr.open_group(path, mode="r+" if writable else "r", **zarr_options(path))
             except Exception as err:
                 raise PadimError(f"cannot open the model {path}: {type(err).__name__}: {err}") from None
             store = cls(group, path, writable)
@@ -205,8 +206,8 @@ class ModelStore:
         return {k: self.attrs[k] for k in keys}
 
     def _array(self, group: str | None, name: str) -> zarr.Array:
-        """The live array ``group/name``, checked: its chunks are all there, and reading
-        it raises (not zeros) for a chunk deleted since (see :mod:`padim_ooc.chunks`)."""
+        """The live array ``group/name``, checked (:func:`padim_ooc.chunks.open_checked`):
+        its chunks are all there, and reading it raises (not zeros) for a chunk deleted since."""
         if group is None:
             raise PadimError(f"the model {self.path} has no statistics yet: fit it first")
         try:
@@ -216,8 +217,6 @@ class ModelStore:
         except Exception as err:  # damaged metadata (cut short, not JSON, not an array)
             raise PadimError(f"the model {self.path} is damaged: cannot read {group}/{name} "
                              f"({type(err).__name__}: {err})") from None
-        if arr.attrs.get(COMPLETE_KEY):
-            check_chunks(arr, self.path)
         return arr
 
     def mean_array(self) -> zarr.Array:
@@ -244,17 +243,22 @@ class ModelStore:
         m2 = torch.from_numpy(read_array(self.m2_array(), rows))
         return Moments(self.n_images, mean.to(device), m2.to(device))
 
+    def _ledger_parts(self) -> list[np.ndarray]:
+        """The ledger segments, each (k, 16) uint8. The root is read once after all of
+        them (not once per segment): still pointing at every segment, or an error."""
+        arrays = [self._array("ledger", name) for name in self.attrs["ledger"]]
+        parts = [read_array(arr, check_live=False) for arr in arrays]
+        if arrays and not arrays[0].store.still_live(*(arr.path for arr in arrays)):
+            raise arrays[0].store.changed()
+        return parts
+
     def ledger(self) -> set[bytes]:
         """Digests of every image accumulated so far."""
-        out: set[bytes] = set()
-        for name in self.attrs["ledger"]:
-            rows = read_array(self._array("ledger", name))
-            out.update(bytes(r) for r in rows)
-        return out
+        return {bytes(r) for rows in self._ledger_parts() for r in rows}
 
     def ledger_digests(self) -> np.ndarray:
         """ndarray of shape (n_digests, 16), uint8: every ledger digest, segment after segment."""
-        parts = [read_array(self._array("ledger", name)) for name in self.attrs["ledger"]]
+        parts = self._ledger_parts()
         return np.concatenate(parts) if parts else np.zeros((0, 16), np.uint8)
 
     # ---- writing -------------------------------------------------------
@@ -274,7 +278,7 @@ class ModelStore:
         return arr
 
     @contextmanager
-    def _switching(self, *new: str):
+    def switching(self, *new: str):
         """Around writing ``new`` groups and switching to them: an I/O error (full disk,
         quota, ...) becomes one clear line naming the store. On any error what was
         written is removed (best effort) unless the store already points at it; the
@@ -344,7 +348,7 @@ class ModelStore:
         mean = moments.mean.detach().to("cpu", torch.float64).numpy()
         m2 = moments.m2.detach().to("cpu", torch.float64).numpy()
         digests = np.frombuffer(b"".join(new_digests), dtype=np.uint8).reshape(-1, 16)
-        with self._switching(state):
+        with self.switching(state):
             self._new_array(f"{state}/mean", mean, mean.shape, "float64", cp)
             self._new_array(f"{state}/m2", m2, m2.shape, "float64", cp)
         self.commit_state(state, int(moments.n), digests)
@@ -358,7 +362,7 @@ class ModelStore:
         name = f"state-{self.attrs['seq'] + 1:06d}"
         positions, dims = self.attrs["grid"][0] * self.attrs["grid"][1], self.attrs["dims"]
         cp = self.attrs["chunk_positions"]
-        with self._switching(name):
+        with self.switching(name):
             mean = self._new_array(f"{name}/mean", None, (positions, dims), "float64", cp)
             m2 = self._new_array(f"{name}/m2", None, (positions, dims, dims), "float64", cp)
         return name, mean, m2
@@ -367,7 +371,7 @@ class ModelStore:
         """Write ``moments`` as positions ``start:start + p`` of the state ``name`` (from
         :meth:`begin_state`); a failed write is one clear error and removes that state."""
         stop = start + moments.mean.shape[0]
-        with self._switching(name):
+        with self.switching(name):
             self.group[f"{name}/mean"][start:stop] = moments.mean.detach().to("cpu", torch.float64).numpy()
             self.group[f"{name}/m2"][start:stop] = moments.m2.detach().to("cpu", torch.float64).numpy()
 
@@ -382,7 +386,7 @@ class ModelStore:
         digests = np.ascontiguousarray(new_digests, dtype=np.uint8).reshape(-1, 16)
         segment = f"{seq:06d}"
         old = [self.attrs["state"], self.attrs["final"]]
-        with self._switching(name, f"ledger/{segment}"):
+        with self.switching(name, f"ledger/{segment}"):
             if len(digests):
                 self._new_array(f"ledger/{segment}", digests, digests.shape, "uint8", 1 << 20)
                 ledger.append(segment)
@@ -395,23 +399,30 @@ class ModelStore:
         self._remove(old)
 
     def begin_final(self, eps: float) -> tuple[str, zarr.Array, zarr.Array]:
-        """Create the (empty) arrays of a finalized model; returns (name, mean32, precision)."""
-        name = "final-" + self.attrs["state"].split("-")[1]
-        if name == self.attrs["final"]:  # re-finalizing: never overwrite the live arrays
-            name += "b"
+        """Create the (empty) arrays of a finalized model; returns (name, mean32, precision).
+
+        The name is ``final-<state seq>-<k>``, ``k`` counting the finalizations the
+        store ever switched to (root attribute ``finals``): a name that was live is
+        never used again, so a reader that opened an older finalization always
+        finds it gone instead of reading chunks of a later one. A failed write is
+        one clear error and removes what was written (see :meth:`switching`).
+        """
+        name = f"final-{self.attrs['state'].split('-')[1]}-{int(self.attrs.get('finals') or 0) + 1}"
         positions, dims = self.attrs["grid"][0] * self.attrs["grid"][1], self.attrs["dims"]
         cp = self.attrs["chunk_positions"]
-        mean = self._new_array(f"{name}/mean", None, (positions, dims), "float32", cp)
-        prec = self._new_array(f"{name}/precision", None, (positions, dims, dims), "float32", cp)
+        with self.switching(name):
+            mean = self._new_array(f"{name}/mean", None, (positions, dims), "float32", cp)
+            prec = self._new_array(f"{name}/precision", None, (positions, dims, dims), "float32", cp)
         return name, mean, prec
 
     def commit_final(self, name: str, eps: float) -> None:
-        """Point the model at the finalized arrays written under ``name``."""
+        """Point the model at the finalized arrays written under ``name`` (from :meth:`begin_final`)."""
         old = self.attrs["final"]
-        with self._switching(name):
+        with self.switching(name):
             self._sync(name)
             pause_point("final-written")
-            self._write_attrs(final=name, finalized=True, eps=float(eps))
+            self._write_attrs(final=name, finalized=True, eps=float(eps),
+                              finals=int(name.rsplit("-", 1)[1]))
         self._sync_root()
         if old != name:
             self._remove([old])
@@ -455,5 +466,5 @@ class ModelStore:
 
 
 # names other modules import from here (their home is padim_ooc.chunks)
-__all__ = ["ModelStore", "store_exists", "shared_path", "positions_per_chunk", "read_array", "write_array",
+__all__ = ["ModelStore", "store_exists", "shared_path", "zarr_options", "positions_per_chunk", "read_array", "write_array",
            "pause_point", "ATTR_KEY", "COMPLETE_KEY", "PAUSE_ENV", "SCHEMA_VERSION", "CHUNK_TARGET_BYTES"]
