@@ -40,6 +40,15 @@ def precision_block(m2: np.ndarray, n: int, eps: float) -> np.ndarray:
     return torch.cholesky_inverse(chol).to(torch.float32).numpy()
 
 
+def compute(tasks, *, client=None, scheduler: str | None = "threads") -> tuple:
+    """Compute the Dask objects ``tasks`` on ``client``, else with the Dask ``scheduler``
+    (``None``: the active ``dask.distributed`` client); returns their results."""
+    if client is not None:
+        return dask.compute(*tasks, scheduler=client)
+    with dask.config.set(scheduler=scheduler) if scheduler else nullcontext():
+        return dask.compute(*tasks)
+
+
 def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | None = "threads",
              client=None) -> None:
     """Write the precision matrices and a float32 mean, chunk by chunk, then switch to them.
@@ -59,6 +68,13 @@ def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | No
         use the active ``dask.distributed`` client. Ignored if ``client`` is given.
     client : distributed.Client, optional
         Run the chunks on this cluster; its workers must reach the store's path.
+
+    Raises
+    ------
+    PadimError
+        If a write fails (full disk, I/O error): one line naming the store; what
+        was written is removed and the model stays as it was (also its previous
+        finalization, if any).
     """
     n = store.n_images
     if n < 2:
@@ -76,9 +92,6 @@ def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | No
     # da.store writes each block into its own region (blocks = stored chunks: no rechunk, no lock);
     # da.to_zarr would rechunk to ~128 MiB blocks first and multiply the memory per task
     stores = [da.store([precision, mean.astype(np.float32)], [prec, mean32], lock=False, compute=False)]
-    if client is not None:
-        dask.compute(*stores, scheduler=client)
-    else:
-        with dask.config.set(scheduler=scheduler) if scheduler else nullcontext():
-            dask.compute(*stores)
+    with store.switching(name):  # a failed chunk write: one line naming the store, the new arrays removed
+        compute(stores, client=client, scheduler=scheduler)
     store.commit_final(name, eps)

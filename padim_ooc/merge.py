@@ -15,7 +15,6 @@ count it twice) or were fitted with different configurations.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +24,7 @@ import torch
 import zarr
 
 from .errors import PadimError
+from .finalize import compute
 from .store import ModelStore, read_array, shared_path, store_exists
 from .welford import Moments, merge_
 
@@ -144,13 +144,6 @@ def _open_inputs(paths: list[str], model: str, given: ModelStore | None):
     return inputs, out, digests
 
 
-def _run(tasks, client, scheduler):
-    if client is not None:
-        return dask.compute(*tasks, scheduler=client)
-    with dask.config.set(scheduler=scheduler) if scheduler else nullcontext():
-        return dask.compute(*tasks)
-
-
 def merge_stores(parts: Sequence[str | os.PathLike], model: str | os.PathLike | ModelStore, *,
                  client=None, scheduler: str | None = "threads") -> dict:
     """Merge the statistics of the stores ``parts`` into the store at ``model``.
@@ -204,8 +197,8 @@ def merge_stores(parts: Sequence[str | os.PathLike], model: str | os.PathLike | 
         tasks = [dask.delayed(merge_chunk, pure=False)(sources, start, min(start + chunk, positions),
                                                        mean_out, m2_out)
                  for start in range(0, positions, chunk)]
-        with out._switching(name):  # a failed chunk write: one line naming the store, the new state removed
-            counts = _run(tasks, client, scheduler)
+        with out.switching(name):  # a failed chunk write: one line naming the store, the new state removed
+            counts = compute(tasks, client=client, scheduler=scheduler)
         total = sum(s.n_images for s in live)
         if any(c != total for c in counts):  # pragma: no cover - defensive
             raise PadimError("internal error: the merged chunks disagree on the image count")
