@@ -12,7 +12,23 @@ import zarr
 
 from .data import display_path
 from .errors import PadimError
-from .store import _zarr_options
+from .store import zarr_options
+
+# bytes of maps read and written at once when maps.zarr is compacted
+COPY_BYTES = 64 * 2**20
+
+
+def runs(indices: np.ndarray) -> list[tuple[int, int, int]]:
+    """Runs of consecutive values in ``indices`` (int, shape (k,)).
+
+    Returns a list of ``(position, first, length)``: ``indices[position:position + length]``
+    equals ``first, first + 1, ..., first + length - 1``.
+    """
+    if not len(indices):
+        return []
+    starts = np.flatnonzero(np.diff(indices) != 1) + 1
+    bounds = np.concatenate([[0], starts, [len(indices)]])
+    return [(int(a), int(indices[a]), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class ScoreWriter:
@@ -42,7 +58,7 @@ class ScoreWriter:
             try:
                 self.maps = zarr.create_array(self.out + "/maps.zarr", shape=(len(self.paths), crop, crop),
                                               chunks=(1, crop, crop), dtype="float16", overwrite=True,
-                                              **_zarr_options(self.out))
+                                              **zarr_options(self.out))
             except BaseException:
                 self.discard()
                 raise
@@ -59,8 +75,8 @@ class ScoreWriter:
         self.scores[idx] = scores
         self.done[idx] = True
         if self.maps is not None and maps is not None:
-            for row, i in enumerate(idx):
-                self.maps[int(i)] = maps[row].astype(np.float16)
+            for row, first, length in runs(idx):  # one write per run of consecutive indices
+                self.maps[first:first + length] = maps[row:row + length].astype(np.float16)
 
     def __enter__(self):
         return self
@@ -94,8 +110,19 @@ class ScoreWriter:
         if self.maps is not None:
             kept = np.flatnonzero(self.done)
             if len(kept) != len(self.paths):
-                for new, old in enumerate(kept):
-                    if new != old:
-                        self.maps[new] = self.maps[int(old)]
-                self.maps.resize((len(kept),) + self.maps.shape[1:])
+                self._compact(kept)
             self.maps.attrs["paths"] = [self.name(i) for i in kept]
+
+    def _compact(self, kept: np.ndarray) -> None:
+        """Move the maps of the images ``kept`` (sorted indices) to rows 0, 1, ..., then cut
+        the array to ``len(kept)`` rows: runs of consecutive images move as slices of at
+        most :data:`COPY_BYTES`, in increasing order (a slice is read whole before it is
+        written to lower rows, so no row is overwritten before it moved)."""
+        step = max(1, COPY_BYTES // (int(np.prod(self.maps.shape[1:])) * self.maps.dtype.itemsize))
+        for new, old, length in runs(kept):
+            if new == old:  # before the first skipped image: already in place
+                continue
+            for k in range(0, length, step):
+                n = min(step, length - k)
+                self.maps[new + k:new + k + n] = self.maps[old + k:old + k + n]
+        self.maps.resize((len(kept),) + self.maps.shape[1:])

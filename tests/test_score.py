@@ -158,6 +158,56 @@ def test_score_writer_to_a_file_url(tmp_path):
     np.testing.assert_array_equal(stored[...], maps.astype(np.float16))
 
 
+def test_score_writer_compacts_maps_after_skipped_images(tmp_path, monkeypatch):
+    """Skipped images at the start, in the middle (runs of 1 and 3) and at the end, batches out of
+    order, and copies cut into slices of 2 maps: maps.zarr holds exactly the kept maps, in order."""
+    from pathlib import Path
+
+    import zarr
+
+    import padim_ooc.outputs as outputs
+
+    monkeypatch.setattr(outputs, "COPY_BYTES", 2 * 4 * 4 * 2)  # 2 float16 (4, 4) maps per copy
+    n = 23
+    maps = np.random.default_rng(1).random((n, 4, 4)).astype(np.float32)
+    skipped = {0, 5, 9, 10, 11, 22}
+    kept = [i for i in range(n) if i not in skipped]
+    paths = [Path(f"{i:02d}.png") for i in range(n)]
+    writes = []
+    original = zarr.Array.__setitem__
+    monkeypatch.setattr(zarr.Array, "__setitem__", lambda arr, sel, v: (writes.append(sel), original(arr, sel, v)))
+    with outputs.ScoreWriter(tmp_path / "out", paths, crop=4, maps=True) as w:
+        for batch in (kept[8:13], kept[:3], kept[3:8], kept[13:]):
+            w.add(batch, maps[batch].max(axis=(1, 2)), maps[batch])
+    # one write per run of consecutive images (6 runs in the 4 batches), then runs 1-4, 6-8 and
+    # 12-21 moved in slices of 2 (2 + 2 + 5): not one write per map (17 + 17)
+    assert len(writes) == 6 + 9, writes
+    stored = zarr.open_array(str(tmp_path / "out" / "maps.zarr"), mode="r")
+    assert stored.shape == (len(kept), 4, 4) and stored.attrs["paths"] == [f"{i:02d}.png" for i in kept]
+    np.testing.assert_array_equal(stored[...], maps[kept].astype(np.float16))
+
+
+def test_score_cli_maps_with_a_bad_image_in_the_middle(fitted, tmp_path, image_dir):
+    """`score --maps` with an unreadable file between good ones: maps.zarr holds the maps of the
+    readable images, as scoring them alone gives, in input order."""
+    import zarr
+    from typer.testing import CliRunner
+
+    from padim_ooc.cli import app
+
+    good = list_images([image_dir / "b"])[:7]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    files = [*good[:3], bad, *good[3:]]
+    result = CliRunner().invoke(app, ["score", str(fitted.store.path), *map(str, files), "--out", str(tmp_path / "o"),
+                                      "--maps", "--batch-size", "3", "--device", "cpu", "--loader-workers", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    stored = zarr.open_array(str(tmp_path / "o" / "maps.zarr"), mode="r")
+    assert stored.attrs["paths"] == [str(p) for p in good]
+    _, ref = fitted.score(good)
+    np.testing.assert_allclose(stored[...].astype(np.float32), ref, rtol=2e-3, atol=1e-3 * float(np.abs(ref).max()))
+
+
 def test_score_cli_every_image_bad_or_on_error_fail(fitted, tmp_path, image_dir):
     """Nothing scored is an error (as in fit), and a failed run leaves no output folder behind."""
     from typer.testing import CliRunner
