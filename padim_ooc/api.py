@@ -260,7 +260,7 @@ def score_files(model: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
             score_paths(m, paths, batch_size=batch_size, sigma=sigma, loader_workers=0,
                         on_batch=lambda i, s, mp: on_result(np.asarray(i, np.int64), s, mp))
         else:
-            from .shards import score_sharded
+            from .score_shards import score_sharded
 
             score_sharded(model, paths, cl, batch_size=batch_size, sigma=sigma, maps=maps, device=device,
                           weights=weights, on_result=on_result)

@@ -263,7 +263,7 @@ def score(
             bad = score_paths(m, paths, batch_size=batch_size, sigma=sigma, loader_workers=loader_workers,
                               on_error=on_error, on_batch=on_batch)
         else:
-            from .shards import score_sharded
+            from .score_shards import score_sharded
 
             bad = score_sharded(model, paths, client, batch_size=batch_size, sigma=sigma, maps=maps,
                                 on_error=on_error, device=device, weights=_weights(weights), on_result=on_batch)

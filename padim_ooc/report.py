@@ -157,7 +157,7 @@ def svg_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | Non
     good = np.histogram(scores[labels == 0], edges)[0]
     bad = np.histogram(scores[labels == 1], edges)[0]
     top = max(int(good.max(initial=0)), int(bad.max(initial=0)), 1)
-    m, b, pw, ph = 48, 40, width - 64, height - 80
+    m, pw, ph = 48, width - 64, height - 80
     sx = lambda v: m + (v - lo) / (hi - lo) * pw
     sy = lambda c: 16 + ph - c / top * ph
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '

@@ -1,4 +1,4 @@
-"""Sharded fit and scoring on a Dask cluster: shards of the input list go to workers.
+"""Sharded fit on a Dask cluster: shards of the input list go to workers.
 
 Fit: the images are hashed on the workers first (the ledger's identity), so
 that images the model already holds and repeated files are dropped exactly as
@@ -9,29 +9,21 @@ are merged into the model by a tree of Chan merges, chunk by chunk
 size, so the batches (and therefore the CNN features) are the ones the
 one-process fit would form.
 
-Score: each shard is one task that scores its images with the worker's copy
-of the model (opened once per worker and run, see :func:`worker_model`);
-results come back as the tasks finish and are placed by input index. Shards
-hold at most :data:`SCORE_SHARD_IMAGES` images (fewer when maps of large crops
-would pass :data:`SCORE_SHARD_MAP_BYTES`), and at most two shards per worker
-are in flight, so the memory of a task, of the results waiting on the
-workers and of the client does not grow with the number of images.
+Scoring shards: :mod:`padim_ooc.score_shards`.
 
 If a worker dies, Dask runs its tasks again on another worker: a shard's
 result is delivered once, and a partial fit resumes from its last checkpoint.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
 
 from .data import digest, list_images
 from .errors import PadimError
@@ -40,16 +32,10 @@ from .fit import FitSummary, check_compatible, check_options, fit_part, memory_p
 from .memory import default_budget
 from .merge import merge_stores
 from .progress import bar
-from .score import DEFAULT_SIGMA, Model, score_paths
 from .store import ModelStore, shared_path, store_exists
 
 log = logging.getLogger(__name__)
 
-# images per scoring shard at most, and bytes of float16 maps one shard returns at most
-SCORE_SHARD_IMAGES = 256
-SCORE_SHARD_MAP_BYTES = 64 * 2**20
-# scoring shards in flight per worker (submitted, running or waiting to be fetched)
-SCORE_SHARDS_PER_WORKER = 2
 # the Dask event topic on which fit shards announce their memory plan
 PLAN_TOPIC = "padim-ooc-memory-plan"
 
@@ -69,14 +55,6 @@ def shard_ranges(count: int, batch_size: int, shards: int, max_size: int | None 
     if max_size is not None:
         per = min(per, max(batch_size, max_size // batch_size * batch_size))
     return [(a, min(a + per, count)) for a in range(0, count, per)]
-
-
-def score_shard_size(crop: int, maps: bool) -> int:
-    """Images per scoring shard at most: :data:`SCORE_SHARD_IMAGES`, and with maps
-    no more than :data:`SCORE_SHARD_MAP_BYTES` of float16 (crop, crop) maps."""
-    if not maps:
-        return SCORE_SHARD_IMAGES
-    return max(1, min(SCORE_SHARD_IMAGES, SCORE_SHARD_MAP_BYTES // (2 * crop * crop)))
 
 
 def _workers(client) -> int:
@@ -298,127 +276,4 @@ def fit_shard(paths: Sequence[str], part: str, config: dict, *, device: str = "a
     return summary, plan.describe(), worker.address
 
 
-_models: dict[tuple, Model] = {}
-_models_lock = threading.Lock()
-
-
-def worker_model(model: str, *, device: str = "auto", weights: str | None = None) -> Model:
-    """The model at ``model``, opened once per process and state: the shards of a run
-    that land on the same worker share its statistics (read once) and its extractor.
-
-    The key holds the store's attributes, so a refitted or re-finalized model
-    is opened again; :func:`forget_models` drops the copy (the end of a run).
-    """
-    store = ModelStore.open(model)
-    key = (model, json.dumps(store.attrs, sort_keys=True, default=str), device, weights)
-    with _models_lock:
-        if key not in _models:
-            _models.clear()  # one model per process
-            _models[key] = Model(store, device=device, weights=weights)
-        return _models[key]
-
-
-def forget_models() -> None:
-    """Drop the model kept by :func:`worker_model` (its memory goes back)."""
-    with _models_lock:
-        _models.clear()
-
-
-def score_part(model: str, paths: Sequence[str], first: int, *, batch_size: int = 32,
-               sigma: float = DEFAULT_SIGMA, maps: bool = False, on_error: str = "skip",
-               device: str = "auto", weights: str | None = None):
-    """Score one shard (a task) with the worker's copy of the model, in batches.
-
-    Returns
-    -------
-    indices : ndarray of shape (k,), int64
-        Input indices (``first`` + position in ``paths``) of the images scored.
-    scores : ndarray of shape (k,), float32
-    maps : ndarray of shape (k, crop, crop), float16, or None
-    bad : list of (index, error)
-    """
-    m = worker_model(model, device=device, weights=weights)
-    idx, scores, out_maps = [], [], []
-
-    def on_batch(indices, batch_scores, batch_maps):
-        idx.extend(indices)
-        scores.append(batch_scores)
-        if maps:
-            out_maps.append(batch_maps.astype(np.float16))
-
-    bad = score_paths(m, [Path(p) for p in paths], batch_size=batch_size, sigma=sigma,
-                      loader_workers=0, on_error=on_error, on_batch=on_batch)
-    crop = m.attrs["crop"]
-    return (first + np.asarray(idx, dtype=np.int64),
-            np.concatenate(scores) if scores else np.zeros(0, np.float32),
-            (np.concatenate(out_maps) if out_maps else np.zeros((0, crop, crop), np.float16)) if maps else None,
-            [(first + i, err) for i, err in bad])
-
-
-def score_sharded(model: str | os.PathLike, paths: Sequence[str | os.PathLike], client, *,
-                  batch_size: int = 32, sigma: float = DEFAULT_SIGMA, maps: bool = False,
-                  on_error: str = "skip", device: str = "auto", weights: str | None = None,
-                  shards: int | None = None, max_shard_images: int | None = None,
-                  on_result: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None] | None = None):
-    """Score image files on a Dask cluster, one task per shard of the list.
-
-    ``on_result(indices, scores, maps)`` is called once per shard as it
-    finishes (indices into ``paths``; maps float16 or None). A shard whose
-    worker dies is run again elsewhere, and its result is still delivered once,
-    so every image is scored exactly once. Returns the ``(index, error)`` of
-    images that could not be read. Shards start at multiples of
-    ``batch_size``: the batches, and so the scores, are those of the
-    one-process :func:`padim_ooc.score.score_paths`.
-
-    Shards: ``shards`` of them (default two per worker), or more so that none
-    holds more than ``max_shard_images`` images (default
-    :func:`score_shard_size`: 256, fewer for maps of large crops). At most
-    two shards per worker are submitted at a time; the next one goes when a
-    result has been handed to ``on_result``, so memory stays bounded whatever
-    the number of images.
-    """
-    from distributed import as_completed
-
-    model = shared_path(model)
-    _check_shareable(model)
-    crop = ModelStore.open(model).attrs["crop"]
-    ModelStore.open(model).final_arrays()  # a clear error before any task runs
-    paths = [shared_path(p) for p in paths]
-    workers = _workers(client)
-    cap = max_shard_images or score_shard_size(crop, maps)
-    ranges = shard_ranges(len(paths), batch_size, shards or SCORE_SHARDS_PER_WORKER * workers, max_size=cap)
-    token = uuid.uuid4().hex[:8]
-    todo = iter(enumerate(ranges))
-    futures: dict = {}
-    running = as_completed()
-
-    def submit_next() -> None:
-        k, (a, b) = next(todo, (None, (0, 0)))
-        if k is not None:
-            fut = client.submit(score_part, model, paths[a:b], a, batch_size=batch_size, sigma=sigma, maps=maps,
-                                on_error=on_error, device=device, weights=weights,
-                                key=f"padim-ooc-score-{token}-{k}")
-            futures[fut] = k
-            running.add(fut)
-
-    bad: list[tuple[int, str]] = []
-    try:
-        for _ in range(SCORE_SHARDS_PER_WORKER * workers):
-            submit_next()
-        for tag, (indices, scores, shard_maps, shard_bad) in _results(client, futures, "score", running):
-            del futures[tag]
-            bad.extend(shard_bad)
-            if on_result is not None:
-                on_result(indices, scores, shard_maps)
-            submit_next()
-    finally:
-        client.cancel(list(futures))
-        try:
-            client.run(forget_models)
-        except Exception:  # noqa: BLE001 - a worker that went away has nothing to forget
-            pass
-    return sorted(bad)
-
-
-__all__ = ["fit_sharded", "fit_shard", "score_sharded", "score_part", "shard_ranges", "score_shard_size",
-           "worker_model", "forget_models"]
+__all__ = ["fit_sharded", "fit_shard", "shard_ranges"]

@@ -1,7 +1,6 @@
 """The memory plan: a fit that splits positions into blocks gives the statistics of the one-pass fit."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import padim_ooc as po

@@ -20,7 +20,8 @@ from padim_ooc.distributed import open_client
 from padim_ooc.finalize import finalize
 from padim_ooc.fit import fit_store
 from padim_ooc.score import score_paths
-from padim_ooc.shards import fit_sharded, score_sharded, score_shard_size, shard_ranges
+from padim_ooc.score_shards import score_shard_size, score_sharded
+from padim_ooc.shards import fit_sharded, shard_ranges
 from padim_ooc.store import ModelStore
 from padim_ooc.welford import Moments
 
@@ -140,9 +141,9 @@ def test_many_small_shards_equal_one_process(cluster, fitted, image_dir):
     assert len(sizes) == 5 and max(sizes) == 8
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     # each worker kept its copy of the model only for the run
-    from padim_ooc import shards
+    from padim_ooc import score_shards
 
-    assert set(client.run(lambda: len(shards._models)).values()) == {0}
+    assert set(client.run(lambda: len(score_shards._models)).values()) == {0}
 
 
 def test_api_with_a_client(cluster, fitted, image_dir):
@@ -217,7 +218,7 @@ def test_api_fit_on_a_client_equals_one_process(cluster, tmp_path, image_dir, ex
     two = po.fit([image_dir / "a"], tmp_path / "two.zarr", extractor=extractor, batch_size=4, client=client)
     assert two.finalized and two.n_images == one.n_images == 20
     assert rel(two.covariance(), one.covariance()) <= 1e-10 and rel(two.mean, one.mean) <= 1e-10
-    (m1, p1), (m2, p2) = one.store.final_arrays(), two.store.final_arrays()
+    (_, p1), (_, p2) = one.store.final_arrays(), two.store.final_arrays()
     np.testing.assert_allclose(p2[...], p1[...], rtol=1e-5, atol=1e-6 * float(np.abs(p1[...]).max()))
 
 

@@ -14,12 +14,12 @@ from sklearn.metrics import roc_auc_score
 import padim_ooc as po
 from padim_ooc.evaluate import evaluate
 from padim_ooc.layouts import find_layout
-from padim_ooc.metrics import PixelMetrics, PixelRocAccumulator, ProAccumulator
+from padim_ooc.metrics import PixelMetrics, PixelRocAccumulator
 from test_layouts import make_mvtec_class, nearest_resize_crop
 
 from PIL import Image
 
-from conftest import CLI, run_cli as run
+from conftest import run_cli as run
 
 SMALL = ["--weights", "none", "--resize", "72", "--crop", "64", "--loader-workers", "0", "-q"]
 
