@@ -1,7 +1,8 @@
 """Covariance + eps I, Cholesky, precision: per position chunk, mapped with Dask."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import dask
 import dask.array as da
@@ -42,11 +43,40 @@ def precision_block(m2: np.ndarray, n: int, eps: float) -> np.ndarray:
 
 def compute(tasks, *, client=None, scheduler: str | None = "threads") -> tuple:
     """Compute the Dask objects ``tasks`` on ``client``, else with the Dask ``scheduler``
-    (``None``: the active ``dask.distributed`` client); returns their results."""
+    (``None``: the active ``dask.distributed`` client); returns their results.
+
+    Returns or raises only once no task is running any more: when one task
+    fails (a chunk write on a full disk), the others that had started still
+    write their chunks, and the caller removes what was written only after
+    that (otherwise a late chunk would re-create a removed folder). Tasks not
+    started yet are dropped (threads) or run to their end (a cluster: a task
+    running on a worker cannot be stopped, so all of them are waited for).
+    """
+    if client is None and scheduler is None:
+        try:
+            from distributed import get_client
+
+            client = get_client()
+        except (ImportError, ValueError):  # no client active: threads
+            scheduler = "threads"
     if client is not None:
-        return dask.compute(*tasks, scheduler=client)
-    with dask.config.set(scheduler=scheduler) if scheduler else nullcontext():
-        return dask.compute(*tasks)
+        from distributed import wait
+
+        futures = client.compute(list(tasks))
+        try:
+            return tuple(client.gather(futures))
+        except BaseException:
+            wait(futures)
+            raise
+    if scheduler != "threads":
+        with dask.config.set(scheduler=scheduler):
+            return dask.compute(*tasks)
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+    try:
+        with dask.config.set(scheduler="threads", pool=pool):
+            return dask.compute(*tasks)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | None = "threads",

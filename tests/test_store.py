@@ -309,3 +309,42 @@ def test_a_failed_finalize_says_the_previous_state_is_intact_and_leaves_nothing(
         np.testing.assert_allclose(back.final_arrays()[1][...], inverse(m2, 7, 0.01), rtol=1e-5)
         finalize(st, eps=0.5)  # the next try succeeds
     np.testing.assert_allclose(ModelStore.open(path).final_arrays()[1][...], inverse(m2, 7, 0.5), rtol=1e-5)
+
+
+def test_a_failed_finalize_removes_chunks_written_late_by_other_tasks(tmp_path, monkeypatch):
+    """One chunk write fails while another chunk's task is still computing: the error comes only
+    after that task has written, so the removal of the new folder is final (it was re-created by
+    the late write before compute waited for the running tasks)."""
+    import time
+
+    import padim_ooc.finalize as fz
+
+    path = tmp_path / "m.zarr"
+    x = np.random.default_rng(3).normal(size=(15, 7, 4))
+    with ModelStore.create(path, CONFIG) as st:
+        st._write_attrs(chunk_positions=4)  # chunks of 4, 4, 4 and 3 positions
+        st.checkpoint(Moments.from_batch(torch.from_numpy(x)), [bytes([i]) * 16 for i in range(7)])
+        fz.finalize(st, eps=0.01)
+        original_set, original_block = zarr.storage.LocalStore.set, fz.precision_block
+
+        async def full_disk(store, k, value):
+            if k == "final-000001-2/precision/c/1/0/0":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return await original_set(store, k, value)
+
+        def slow_last_block(m2, n, eps):
+            if m2.shape[0] == 3:
+                time.sleep(0.5)
+            return original_block(m2, n, eps)
+
+        with monkeypatch.context() as mp:
+            mp.setattr(zarr.storage.LocalStore, "set", full_disk)
+            mp.setattr(fz, "precision_block", slow_last_block)
+            with pytest.raises(po.PadimError, match="No space left on device"):
+                fz.finalize(st, eps=0.5)
+            right_after = sorted(set(os.listdir(path)) - {po.lock.LOCK_NAME})
+            time.sleep(1.0)
+            later = sorted(set(os.listdir(path)) - {po.lock.LOCK_NAME})
+    expected = ["final-000001-1", "ledger", "state-000001", "zarr.json"]
+    assert right_after == expected and later == expected, (right_after, later)
+    assert ModelStore.open(path).attrs["eps"] == 0.01
