@@ -68,8 +68,13 @@ def command(func, target: Optional[typer.Typer] = None):
     return (target or app).command()(wrapper)
 
 
-def _layers(text: Optional[str]) -> Optional[list[str]]:
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+def _layers(text: Optional[str], option: str = "--layers") -> Optional[list[str]]:
+    if text is None:
+        return None
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise PadimError(f"{option} names nothing ({text!r}): give comma-separated names, e.g. layer1,layer2")
+    return names
 
 
 def _weights(text: Optional[str]) -> Optional[str]:
@@ -329,7 +334,7 @@ def mvtec(
     opts = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop, weights=_weights(weights))
     extractor = Extractor(opts["backbone"], dims=opts["dims"], seed=seed, weights=opts["weights"],
                           resize=opts["resize"], crop=opts["crop"], device=device)
-    result = benchmark_mvtec(root, out, extractor, preset=preset, classes=_layers(classes),
+    result = benchmark_mvtec(root, out, extractor, preset=preset, classes=_layers(classes, "--classes"),
                              batch_size=batch_size, loader_workers=loader_workers, progress=not quiet)
     typer.echo(markdown_table(result))
 

@@ -410,3 +410,10 @@ def test_a_refused_writer_starts_no_cluster(tmp_path, image_dir, fitted, capsys)
         holder.stdin.close()
         holder.wait(timeout=60)
     assert ModelStore.open(tmp_path / "m.zarr").n_images == 3 and ModelStore.open(tmp_path / "f.zarr").n_images == 20
+
+
+def test_layers_naming_nothing_is_an_error(tmp_path, capsys):
+    write_images(tmp_path / "imgs", 2, seed=4)
+    cli_error(capsys, "fit", tmp_path / "imgs", "--model", tmp_path / "m.zarr", "--weights", "none",
+              "--layers", " , ", text="--layers names nothing")
+    assert not (tmp_path / "m.zarr").exists()
