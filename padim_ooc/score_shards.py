@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .score import DEFAULT_SIGMA, Model, score_paths
-from .shards import _check_shareable, _results, _workers, shard_ranges
+from .shards import _check_shareable, _results, _workers, shard_ranges, user_errors_as_values
 from .store import ModelStore, shared_path
 
 # images per scoring shard at most, and bytes of float16 maps one shard returns at most
@@ -66,10 +66,16 @@ def forget_models() -> None:
         _models.clear()
 
 
-def score_part(model: str, paths: Sequence[str], first: int, *, batch_size: int = 32,
-               sigma: float = DEFAULT_SIGMA, maps: bool = False, on_error: str = "skip",
-               device: str = "auto", weights: str | None = None):
-    """Score one shard (a task) with the worker's copy of the model, in batches.
+def score_part(model: str, paths: Sequence[str], first: int, **options):
+    """Score one shard (a task): :func:`score_part_of`; a :class:`PadimError` or ``OSError``
+    comes back as a :class:`padim_ooc.shards.TaskFailure` (no traceback in the worker's log)."""
+    return user_errors_as_values(score_part_of, model, paths, first, **options)
+
+
+def score_part_of(model: str, paths: Sequence[str], first: int, *, batch_size: int = 32,
+                  sigma: float = DEFAULT_SIGMA, maps: bool = False, on_error: str = "skip",
+                  device: str = "auto", weights: str | None = None):
+    """Score one shard with the worker's copy of the model, in batches.
 
     Returns
     -------

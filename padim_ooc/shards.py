@@ -20,7 +20,10 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +41,34 @@ log = logging.getLogger(__name__)
 
 # the Dask event topic on which fit shards announce their memory plan
 PLAN_TOPIC = "padim-ooc-memory-plan"
+# seconds a failed sharded fit waits at most for its shards still running before removing their stores
+PARTS_WAIT_S = 600.0
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """A user-facing error of a task, returned as its value: a raised one makes every Dask
+    worker log "Compute Failed" with a traceback. :func:`_results` raises it on the client
+    as a :class:`PadimError` with the same one-line ``message``."""
+
+    message: str
+
+
+def os_message(err: OSError) -> str:
+    """An I/O error in one line, as the command line prints it: the system's reason and the file."""
+    where = f" ({os.fsdecode(err.filename)})" if getattr(err, "filename", None) else ""
+    return f"{err.strerror or err}{where}".replace("\n", " ")
+
+
+def user_errors_as_values(func, *args, **kwargs):
+    """``func(*args, **kwargs)``, or a :class:`TaskFailure` for a :class:`PadimError` or an
+    ``OSError`` (any other exception is a bug: it is raised, and Dask reports it in full)."""
+    try:
+        return func(*args, **kwargs)
+    except PadimError as err:
+        return TaskFailure(str(err))
+    except OSError as err:
+        return TaskFailure(os_message(err))
 
 
 def shard_ranges(count: int, batch_size: int, shards: int, max_size: int | None = None) -> list[tuple[int, int]]:
@@ -94,6 +125,8 @@ def _results(client, futures: dict, what: str, running=None):
             tag = future if running is not None else futures[future]
             result = future.result()
             future.release()
+            if isinstance(result, TaskFailure):
+                raise PadimError(result.message)
             yield tag, result
     except KilledWorker as err:
         client.cancel(list(futures))
@@ -205,16 +238,20 @@ def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batc
         if keep:
             fut = client.submit(fit_shard, keep, f"{parts}/part-{k:05d}.zarr", config, device=device,
                                 weights=weights, batch_size=batch_size, checkpoint_every=checkpoint_every,
-                                on_error=on_error, max_memory=max_memory, key=f"padim-ooc-fit-{token}-{k}")
+                                on_error=on_error, max_memory=max_memory, model=model,
+                                key=f"padim-ooc-fit-{token}-{k}")
             futures[fut] = (k, ranges[k][1] - ranges[k][0])
     done: list[str] = []
     client.subscribe_topic(PLAN_TOPIC, lambda event: plans(event[1]["plan"], event[1]["blocks"], event[1]["worker"]))
+    failed = True
     try:
         with bar(f"fit {Path(model).name} ({len(futures)} shards)", len(paths), enabled=progress) as advance:
             advance(len(paths) - sum(size for _, size in futures.values()))
             for (k, size), (part, plan, worker) in _results(client, futures, "fit"):
                 plans(plan, part.blocks, worker)  # in case its event was late
                 summary.added += part.n_images
+                for name, reason in part.skipped:  # logged here, not on the worker (where no one may see it)
+                    log.warning("skipped %s: %s", name, reason)
                 summary.skipped.extend(part.skipped)
                 summary.checkpoints += part.checkpoints
                 summary.blocks = max(summary.blocks, part.blocks)
@@ -225,11 +262,38 @@ def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batc
         if done:
             merge_stores(sorted(done), store, client=client)
             summary.checkpoints += 1
+        failed = False
     finally:
         client.unsubscribe_topic(PLAN_TOPIC)
+        if failed:  # a cancelled shard still running would write its store after the removal
+            _wait_stopped(client, list(futures), f"padim-ooc-fit-{token}-")
         _remove_tree(parts)
     summary.n_images = store.n_images
     return summary
+
+
+def _running_keys(dask_worker) -> list[str]:
+    return [str(key) for key in list(dask_worker.active_threads.values())]
+
+
+def _wait_stopped(client, futures: list, prefix: str, timeout: float = PARTS_WAIT_S) -> None:
+    """Wait (at most ``timeout`` s) until every task of ``futures`` is over: finished, failed,
+    or cancelled and no longer running on a worker (a running task cannot be stopped)."""
+    from distributed import wait
+
+    deadline = time.monotonic() + timeout
+    try:
+        try:
+            wait(futures, timeout=timeout)
+        except CancelledError:  # cancelled (the usual case here): the scheduler forgot them, a worker may not have
+            pass
+        while time.monotonic() < deadline:
+            running = client.run(_running_keys)
+            if not any(key.startswith(prefix) for keys in running.values() for key in keys):
+                return
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - a cluster going away runs nothing more; remove what is there
+        pass
 
 
 class _PlanEcho:
@@ -253,7 +317,8 @@ class _PlanEcho:
 
 
 def fit_shard(paths: Sequence[str], part: str, config: dict, *, device: str = "auto", batch_size: int = 32,
-              max_memory: int | None = None, **options) -> tuple[FitSummary, str, str]:
+              max_memory: int | None = None, model: str | None = None,
+              **options) -> tuple[FitSummary, str, str] | TaskFailure:
     """Fit one shard into the partial store ``part`` (a task of the sharded fit).
 
     The worker decides its memory budget once (``max_memory``, else what it
@@ -262,18 +327,51 @@ def fit_shard(paths: Sequence[str], part: str, config: dict, *, device: str = "a
     :data:`PLAN_TOPIC` event topic and fits with that budget
     (:func:`padim_ooc.fit.fit_part`, ``options`` passed on).
 
+    Skipped images are not logged on the worker: the client logs them (``summary.skipped``).
+
     Returns
     -------
-    (FitSummary, plan description, worker address)
+    (FitSummary, plan description, worker address), or TaskFailure
+        A :class:`PadimError` or ``OSError`` comes back as a :class:`TaskFailure`
+        (one line; an error writing ``part`` names ``model``, default ``part``, as unchanged).
     """
     from distributed import get_worker
 
     worker = get_worker()
-    budget = max_memory or default_budget(device)
-    plan = memory_plan(config, batch_size, budget)
-    worker.log_event(PLAN_TOPIC, {"plan": plan.describe(), "blocks": plan.blocks})
-    summary = fit_part(paths, part, config, device=device, batch_size=batch_size, max_memory=budget, **options)
-    return summary, plan.describe(), worker.address
+    quiet = _SkipFilter(threading.get_ident())
+    fit_log = logging.getLogger("padim_ooc")  # padim_ooc.fit's logger
+    fit_log.addFilter(quiet)
+    try:
+        budget = max_memory or default_budget(device)
+        plan = memory_plan(config, batch_size, budget)
+        worker.log_event(PLAN_TOPIC, {"plan": plan.describe(), "blocks": plan.blocks})
+        summary = fit_part(paths, part, config, device=device, batch_size=batch_size, max_memory=budget, **options)
+        return summary, plan.describe(), worker.address
+    except PadimError as err:
+        cause = err.__context__
+        if isinstance(cause, OSError) and str(err).startswith(f"cannot write the model store {part}"):
+            return _write_failure(part, model, cause)
+        return TaskFailure(str(err))
+    except OSError as err:  # the partial store could not be created or locked (full disk, permissions)
+        return _write_failure(part, model, err)
+    finally:
+        fit_log.removeFilter(quiet)
 
 
-__all__ = ["fit_sharded", "fit_shard", "shard_ranges"]
+def _write_failure(part: str, model: str | None, err: OSError) -> TaskFailure:
+    return TaskFailure(f"cannot write the partial store {part}: {err.strerror or err}; the model "
+                       f"{model or part} is unchanged (the partial stores are removed)")
+
+
+class _SkipFilter(logging.Filter):
+    """Drops the "skipped" warnings of one thread (a shard's; its client logs them)."""
+
+    def __init__(self, thread: int):
+        super().__init__()
+        self.thread = thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.thread == self.thread and str(record.msg).startswith("skipped "))
+
+
+__all__ = ["fit_sharded", "fit_shard", "shard_ranges", "TaskFailure", "user_errors_as_values"]

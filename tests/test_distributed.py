@@ -411,3 +411,92 @@ def test_sharded_fit_survives_a_killed_worker(cluster, tmp_path, image_dir, extr
     assert rel(fitted.covariance(), one.covariance()) <= 1e-10 and rel(fitted.mean, one.mean) <= 1e-10
     assert fitted.store.ledger() == one.store.ledger()
     client.wait_for_workers(2, timeout=60)
+
+
+def _bad_folder(root, image_dir, good=6):
+    """``good`` images of ``a/`` plus a zero-byte .png and a text file named .png."""
+    root.mkdir()
+    for p in list_images([image_dir / "a"])[:good]:
+        (root / p.name).write_bytes(p.read_bytes())
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.png").write_text("not an image\n")
+    return root
+
+
+def _install_log_catcher():
+    import logging
+
+    class Catch(logging.Handler):
+        records: list = []
+
+        def emit(self, record):
+            Catch.records.append(record.getMessage())
+
+    logging.getLogger("padim_ooc").addHandler(Catch())
+    logging.getLogger("padim_ooc").setLevel(logging.INFO)
+    import padim_ooc
+
+    padim_ooc._caught_logs = Catch.records
+
+
+def test_cli_fit_on_an_existing_cluster(cluster, tmp_path, image_dir):
+    """`fit --scheduler` with two bad files: one `warning: skipped` line each on the client (none
+    logged on the workers), and the numpy two-pass statistics of the good images."""
+    from padim_ooc.extractor import Extractor
+
+    client, _ = cluster
+    folder = _bad_folder(tmp_path / "bad", image_dir)
+    client.run(_install_log_catcher)
+    model = tmp_path / "cli.zarr"
+    proc = run_cli("fit", folder, "--model", model, "--weights", "none", "--resize", "72", "--crop", "64",
+                   "--dims", "20", "--batch-size", "2", "--device", "cpu", "--scheduler", client.scheduler.address,
+                   "-q")
+    warnings = [line for line in proc.stderr.splitlines() if "skipped" in line]
+    assert len(warnings) == 2, proc.stderr
+    for name in ("empty.png", "text.png"):
+        assert sum(line.startswith(f"warning: skipped {folder / name}: ") for line in warnings) == 1, proc.stderr
+    worker_logs = client.run(lambda: [m for m in __import__("padim_ooc")._caught_logs if "skipped" in m])
+    assert worker_logs and all(not logs for logs in worker_logs.values()), worker_logs
+    assert json.loads(proc.stdout)["skipped"] == 2 and not (tmp_path / "cli.zarr.parts").exists()
+    fitted = po.open_model(model)
+    good = [p for p in list_images([folder]) if p.name not in ("empty.png", "text.png")]
+    ref = Extractor.from_config(fitted.store.attrs, device="cpu")
+    fit_store([folder], tmp_path / "one.zarr", extractor=ref, batch_size=2, loader_workers=0, progress=False)
+    one = po.open_model(tmp_path / "one.zarr")  # the same batches (bad files included): the same features
+    assert fitted.n_images == one.n_images == 6
+    assert rel(fitted.mean, one.mean) <= 1e-10 and rel(fitted.covariance(), one.covariance()) <= 1e-10
+    mean, cov = exact_stats(ref, good, 2)  # independent numpy two-pass (batches of 2 good images: float32 rounding)
+    assert rel(fitted.mean, mean) <= 1e-6 and rel(fitted.covariance(), cov) <= 1e-5
+
+
+def test_task_errors_come_back_without_a_traceback(cluster, fitted, tmp_path, image_dir, extractor):
+    """A bad image with on_error="fail" in a fit or score shard: the shard's one-line PadimError,
+    no "Compute Failed" traceback in the workers' logs, and no partial stores left."""
+    client, _ = cluster
+    folder = _bad_folder(tmp_path / "bad", image_dir)
+    before = sum(len(v) for v in client.get_worker_logs().values())
+    with pytest.raises(po.PadimError, match=r"^bad image .*(empty|text)\.png: "):
+        score_sharded(fitted, list_images([folder]), client, batch_size=2, device="cpu", on_error="fail")
+    model = tmp_path / "m.zarr"
+    with pytest.raises(po.PadimError, match=r"^bad image .*(empty|text)\.png: "):
+        fit_sharded([folder], model, client, extractor=extractor, batch_size=2, shards=4, device="cpu",
+                    progress=False, on_error="fail")
+    assert not (tmp_path / "m.zarr.parts").exists() and not model.exists()
+    logs = [msg for v in client.get_worker_logs().values() for _, msg in v]
+    assert not [m for m in logs if "Compute Failed" in m or "Traceback" in m], logs[-5:]
+    assert sum(len(v) for v in client.get_worker_logs().values()) >= before  # the logs are kept
+
+
+def test_cli_fit_failure_on_local_workers_is_one_line(tmp_path, image_dir):
+    """`fit --workers 2 --on-error fail` on a bad file: stderr is the dashboard line and one `error:`
+    line (no Dask "Compute Failed" block, no traceback), and no model or partial stores are left."""
+    folder = _bad_folder(tmp_path / "bad", image_dir, good=4)
+    model = tmp_path / "bwf.zarr"
+    proc = run_cli("fit", folder, "--model", model, "--weights", "none", "--resize", "72", "--crop", "64",
+                   "--dims", "20", "--workers", "2", "--batch-size", "2", "--device", "cpu", "--on-error", "fail",
+                   "-q", ok=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("dask: local cluster of 2 worker processes"), lines
+    assert lines[1].startswith("error: bad image ") and lines[1].split(":")[1].strip().endswith(".png"), lines
+    assert not model.exists() and not (tmp_path / "bwf.zarr.parts").exists()
