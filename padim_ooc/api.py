@@ -100,7 +100,7 @@ def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *, e
     if weights is not None and store_exists(model):
         check_weights(ModelStore.open(model).attrs, weights, model)
     # the lock first: a refused writer starts no cluster
-    with store_lock(model, default_command()), _client(workers, scheduler, client) as cl:
+    with store_lock(model, default_command()), _client(workers, scheduler, client, model) as cl:
         if cl is None:
             summary = fit_store(sources, model, extractor=extractor, batch_size=batch_size,
                                 checkpoint_every=checkpoint_every, loader_workers=loader_workers,
@@ -148,7 +148,7 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers
     """
     if eps is not None:
         check_eps(eps)
-    with ModelStore.open(path, writable=True) as store, _client(workers, scheduler, client) as cl:
+    with ModelStore.open(path, writable=True) as store, _client(workers, scheduler, client, path) as cl:
         _finalize(store, eps=eps_for(store.attrs, eps), client=cl)
     return open_model(path)
 
@@ -222,7 +222,7 @@ def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, final
     if eps is not None:
         check_eps(eps)
     # the lock first: a refused writer starts no cluster
-    with store_lock(model, default_command()), _client(workers, scheduler, client) as cl:
+    with store_lock(model, default_command()), _client(workers, scheduler, client, model, *parts) as cl:
         result = merge_stores(parts, model, client=cl)
         with ModelStore.open(model, writable=True) as store:
             if finalize:
@@ -252,7 +252,7 @@ def score_files(model: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
         if out_maps is not None:
             out_maps[indices] = batch_maps
 
-    with _client(workers, scheduler, client) as cl:
+    with _client(workers, scheduler, client, model) as cl:
         if cl is None:
             from .score import score_paths
 
@@ -267,7 +267,14 @@ def score_files(model: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
     return scores, out_maps
 
 
-def _client(workers: int | None, scheduler: str | None, client):
+def _client(workers: int | None, scheduler: str | None, client, *paths):
+    """The Dask client to run on (or None); ``paths`` the workers will need are
+    checked first (a ``memory://`` store is refused before a cluster starts)."""
+    if workers or scheduler or client is not None:
+        from .shards import _check_shareable
+        from .store import shared_path
+
+        _check_shareable(*(shared_path(p) for p in paths))
     if client is not None:
         return nullcontext(client)
     from .distributed import open_client

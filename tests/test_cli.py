@@ -417,3 +417,10 @@ def test_layers_naming_nothing_is_an_error(tmp_path, capsys):
     cli_error(capsys, "fit", tmp_path / "imgs", "--model", tmp_path / "m.zarr", "--weights", "none",
               "--layers", " , ", text="--layers names nothing")
     assert not (tmp_path / "m.zarr").exists()
+
+
+def test_memory_store_with_workers_is_refused_before_a_cluster_starts(tmp_path, capsys):
+    write_images(tmp_path / "imgs", 2, seed=5)
+    err = cli_error(capsys, "fit", tmp_path / "imgs", "--model", "memory://q.zarr", "--weights", "none",
+                    "--workers", "2", text="lives in this process's memory")
+    assert "dashboard" not in err
