@@ -174,8 +174,11 @@ def open_client(workers: int | None = None, scheduler: str | None = None, *,
             if scheduler:
                 client = _connect(scheduler, connect_timeout, worker_timeout)
             else:
+                # the workers' own logs: what fails in our tasks comes back to the client as a value
+                # (one line); what Dask says while processes are torn down is noise for a user
+                worker_logs = logging.WARNING if os.environ.get("PADIM_OOC_DEBUG") else logging.CRITICAL
                 cluster = LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,
-                                       dashboard_address=dashboard, silence_logs=logging.WARNING)
+                                       dashboard_address=dashboard, silence_logs=worker_logs)
                 client = Client(cluster)
                 echo(f"dask: local cluster of {workers} worker processes, dashboard at "
                      f"{cluster.dashboard_link}{_dashboard_hint()}")
@@ -183,12 +186,14 @@ def open_client(workers: int | None = None, scheduler: str | None = None, *,
                 client.register_plugin(_plugin_class()())
                 yield client
             finally:
-                client.close()
+                # closing after a failed run can log broken connections with tracebacks: not news
+                with quiet_dask_logs(logging.CRITICAL, QUIET_LOGGERS + ("asyncio",)):
+                    client.close()
         finally:
             if cluster is not None:
                 # a worker process that imported torch can take over the nanny's 4 s to exit on a
                 # busy machine; the nanny then kills it (what closing asks for) and warns: not news
-                with quiet_dask_logs(logging.ERROR, ("distributed.nanny",)):
+                with quiet_dask_logs(logging.CRITICAL, QUIET_LOGGERS + ("asyncio",)):
                     cluster.close()
 
 

@@ -463,7 +463,13 @@ def test_enospc_during_finalize_keeps_the_model_as_it_was(tmp_path, image_dir, e
     path = tmp_path / "m.zarr"
     po.fit([image_dir / "a"], path, extractor=extractor, batch_size=10, loader_workers=0, finalize=False)
     before = {p.relative_to(path): p.read_bytes() for p in path.rglob("*") if p.is_file()}
-    for fail_at in (0, 2, 5):  # the first array's metadata, a chunk, the switch of the attributes
+    probe = tmp_path / "probe.zarr"  # how many writes a finalize makes: fail at each of them
+    shutil.copytree(path, probe)
+    with monkeypatch.context() as mp:
+        counter = FullDisk(mp)
+        assert CliRunner().invoke(app, ["finalize", str(probe)]).exit_code == 0
+    assert counter.calls >= 5  # two arrays' metadata, their chunks, the switch of the attributes
+    for fail_at in range(counter.calls):
         with monkeypatch.context() as mp:
             FullDisk(mp, fail_at=fail_at)
             res = CliRunner().invoke(app, ["finalize", str(path)])
