@@ -16,7 +16,7 @@ from .finalize import DEFAULT_EPS, finalize as _finalize
 from .fit import FitSummary, fit_store
 from .lock import default_command, store_lock
 from .score import Model
-from .store import ModelStore, store_exists
+from .store import ModelStore, check_shareable, shared_path, store_exists
 
 
 def open_model(path: str | os.PathLike, *, device: str = "auto", weights: str | None = None) -> Model:
@@ -271,10 +271,7 @@ def _client(workers: int | None, scheduler: str | None, client, *paths):
     """The Dask client to run on (or None); ``paths`` the workers will need are
     checked first (a ``memory://`` store is refused before a cluster starts)."""
     if workers or scheduler or client is not None:
-        from .shards import _check_shareable
-        from .store import shared_path
-
-        _check_shareable(*(shared_path(p) for p in paths))
+        check_shareable(*(shared_path(p) for p in paths))
     if client is not None:
         return nullcontext(client)
     from .distributed import open_client

@@ -79,6 +79,15 @@ def shared_path(path: str | os.PathLike) -> str:
     return text if is_url(text) else os.path.abspath(text)
 
 
+def check_shareable(*paths: str, action: str = "run") -> None:
+    """A one-line error for a path Dask workers cannot reach (``memory://`` lives in this
+    process); ``action`` is what the message suggests doing without workers."""
+    for path in paths:
+        if path.startswith("memory://"):
+            raise PadimError(f"{path} lives in this process's memory; Dask workers cannot reach it "
+                             f"({action} without workers, or use a path or URL the workers share)")
+
+
 def live_names(root_attrs: dict[str, Any]) -> set[str]:
     """The groups and ledger arrays the root attributes point at (``state-...``, ``ledger/...``)."""
     return ({root_attrs.get("state"), root_attrs.get("final")} - {None}) | {

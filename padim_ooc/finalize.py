@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import PadimError
-from .store import ModelStore
+from .store import ModelStore, check_shareable
 
 DEFAULT_EPS = 0.01
 
@@ -111,9 +111,8 @@ def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | No
         raise PadimError(f"finalize needs at least 2 images, the model has {n}")
     if not eps >= 0:
         raise PadimError(f"eps must be >= 0, got {eps}")
-    if client is not None and store.path.startswith("memory://"):
-        raise PadimError(f"{store.path} lives in this process's memory; Dask workers cannot reach it "
-                         "(finalize it without workers, or use a path or URL the workers share)")
+    if client is not None:
+        check_shareable(store.path, action="finalize it")
     m2_z, mean_z = store.m2_array(), store.mean_array()
     m2 = da.from_zarr(m2_z, chunks=m2_z.chunks)  # one task per stored chunk: memory stays at a few chunks
     mean = da.from_zarr(mean_z, chunks=mean_z.chunks)

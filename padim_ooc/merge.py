@@ -25,7 +25,7 @@ import zarr
 
 from .errors import PadimError
 from .finalize import compute
-from .store import ModelStore, read_array, shared_path, store_exists
+from .store import ModelStore, check_shareable, read_array, shared_path, store_exists
 from .welford import Moments, merge_
 
 # configuration fields that must agree for two stores to be merged (the features must be the same)
@@ -180,10 +180,7 @@ def merge_stores(parts: Sequence[str | os.PathLike], model: str | os.PathLike | 
         raise PadimError(f"the output {model} is also listed as a part; an existing output already "
                          "takes part in the merge, list only the other stores")
     if client is not None:
-        local = [p for p in [model, *paths] if p.startswith("memory://")]
-        if local:
-            raise PadimError(f"{local[0]} lives in this process's memory; Dask workers cannot reach it "
-                             "(merge without workers, or use a path or URL the workers share)")
+        check_shareable(model, *paths, action="merge")
     inputs, out, digests = _open_inputs(paths, model, given)
     stores = ([out] if out is not None else []) + inputs
     created = out is None

@@ -23,14 +23,15 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .score import DEFAULT_SIGMA, Model, score_paths
-from .shards import _check_shareable, _results, _workers, shard_ranges, user_errors_as_values
-from .store import ModelStore, shared_path
+from .shards import _results, _workers, shard_ranges, user_errors_as_values
+from .store import ModelStore, check_shareable, shared_path
 
 # images per scoring shard at most, and bytes of float16 maps one shard returns at most
 SCORE_SHARD_IMAGES = 256
 SCORE_SHARD_MAP_BYTES = 64 * 2**20
 # scoring shards in flight per worker (submitted, running or waiting to be fetched)
 SCORE_SHARDS_PER_WORKER = 2
+
 
 def score_shard_size(crop: int, maps: bool) -> int:
     """Images per scoring shard at most: :data:`SCORE_SHARD_IMAGES`, and with maps
@@ -128,7 +129,7 @@ def score_sharded(model: str | os.PathLike, paths: Sequence[str | os.PathLike], 
     from distributed import as_completed
 
     model = shared_path(model)
-    _check_shareable(model)
+    check_shareable(model)
     crop = ModelStore.open(model).attrs["crop"]
     ModelStore.open(model).final_arrays()  # a clear error before any task runs
     paths = [shared_path(p) for p in paths]

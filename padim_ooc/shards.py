@@ -35,7 +35,7 @@ from .fit import FitSummary, check_compatible, check_options, fit_part, memory_p
 from .memory import default_budget
 from .merge import merge_stores
 from .progress import bar
-from .store import ModelStore, shared_path, store_exists
+from .store import ModelStore, check_shareable, shared_path, store_exists
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,6 @@ def shard_ranges(count: int, batch_size: int, shards: int, max_size: int | None 
 
 def _workers(client) -> int:
     return max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
-
-
-def _check_shareable(*paths: str) -> None:
-    for path in paths:
-        if path.startswith("memory://"):
-            raise PadimError(f"{path} lives in this process's memory; Dask workers cannot reach it "
-                             "(run without workers, or use a path or URL the workers share)")
 
 
 def _hash_files(paths: Sequence[str]) -> list[bytes | None]:
@@ -177,7 +170,7 @@ def fit_sharded(sources: Sequence[str | os.PathLike], model: str | os.PathLike, 
         raise PadimError(f"shards must be at least 1, got {shards}")
     model = shared_path(model)
     parts = shared_path(parts) if parts else model.rstrip("/") + ".parts"
-    _check_shareable(model, parts)
+    check_shareable(model, parts)
     paths = [shared_path(p) for p in list_images(sources)]
     created = not store_exists(model)
     if not created:

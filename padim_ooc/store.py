@@ -32,7 +32,7 @@ import zarr
 
 from . import __version__
 from . import lock
-from .chunks import (ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, empty_folder, fsync, is_url as _is_url,
+from .chunks import (ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, check_shareable, empty_folder, fsync, is_url as _is_url,
                      live_names, open_checked, remove_leftovers, pause_point, read_array, shared_path, sync_tree, wait_for_zarr_writes,
                      write_array)
 from .errors import PadimError
@@ -466,5 +466,5 @@ class ModelStore:
 
 
 # names other modules import from here (their home is padim_ooc.chunks)
-__all__ = ["ModelStore", "store_exists", "shared_path", "zarr_options", "positions_per_chunk", "read_array", "write_array",
+__all__ = ["ModelStore", "store_exists", "shared_path", "check_shareable", "zarr_options", "positions_per_chunk", "read_array", "write_array",
            "pause_point", "ATTR_KEY", "COMPLETE_KEY", "PAUSE_ENV", "SCHEMA_VERSION", "CHUNK_TARGET_BYTES"]
