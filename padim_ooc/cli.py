@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
-from .errors import PadimError
+from .errors import PadimError, os_message
 
 # rich_markup_mode=None: plain help (Rich markup would eat the "[default]" brackets of the help texts)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -58,8 +58,7 @@ def command(func, target: Optional[typer.Typer] = None):
         except OSError as err:  # full disk, permissions, ...: the system's reason and the file
             if os.environ.get("PADIM_OOC_DEBUG"):
                 raise
-            where = f" ({os.fsdecode(err.filename)})" if getattr(err, "filename", None) else ""
-            _fail(f"{err.strerror or err}{where}".replace("\n", " "))
+            _fail(os_message(err))
         except Exception as err:  # a bug, not a user error: still one line unless debugging
             if os.environ.get("PADIM_OOC_DEBUG"):
                 raise

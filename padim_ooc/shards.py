@@ -29,7 +29,7 @@ from typing import Sequence
 
 
 from .data import digest, list_images
-from .errors import PadimError
+from .errors import PadimError, os_message
 from .extractor import Extractor
 from .fit import FitSummary, check_compatible, check_options, fit_part, memory_plan
 from .memory import default_budget
@@ -52,12 +52,6 @@ class TaskFailure:
     as a :class:`PadimError` with the same one-line ``message``."""
 
     message: str
-
-
-def os_message(err: OSError) -> str:
-    """An I/O error in one line, as the command line prints it: the system's reason and the file."""
-    where = f" ({os.fsdecode(err.filename)})" if getattr(err, "filename", None) else ""
-    return f"{err.strerror or err}{where}".replace("\n", " ")
 
 
 def user_errors_as_values(func, *args, **kwargs):
