@@ -156,7 +156,7 @@ def fit(
                                              "not fit, positions are fitted in blocks, one pass over the images each."),
 ):
     """Fit a model on normal images (or add unseen images to an existing one)."""
-    from .api import check_eps, check_weights, run_fit
+    from .api import check_eps, run_fit
     from .data import list_images
     from .extractor import Extractor
     from .store import ModelStore, store_exists
@@ -181,7 +181,6 @@ def fit(
             if value is not None and value != stored[key]:
                 raise PadimError(f"the model {model} was fitted with {key}={stored[key]!r}, not {value!r}; "
                                  "use a new --model path for a different configuration")
-        check_weights(stored, _weights(weights), model)
     else:
         resize_v = resize or 256
         extractor = Extractor(backbone or "resnet18", layers=given["layers"], dims=dims, seed=seed or 0,
