@@ -78,11 +78,10 @@ def weights_for(options: dict[str, Any], backbone: str) -> str:
         return weights
     if not weights.startswith("torchvision:"):
         return "default"
-    from torchvision.models import get_model_weights
+    from .backbones import torchvision_weights
 
     member = weights.rpartition(".")[2].removeprefix("torchvision:")
     try:
-        enum = get_model_weights(backbone)
-    except (ValueError, KeyError):  # not a torchvision model (efficientnet_lite0, or a typo: said later)
+        return f"torchvision:{torchvision_weights(backbone, f'torchvision:{member}')}"
+    except (PadimError, ValueError, KeyError):  # no such member, or not a torchvision model (lite0, a typo: said later)
         return "default"
-    return f"torchvision:{enum.__name__}.{member}" if member in enum.__members__ else "default"
