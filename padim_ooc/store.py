@@ -199,6 +199,11 @@ class ModelStore:
         return int(self.attrs["n_images"])
 
     @property
+    def positions(self) -> int:
+        """P = h * w, the positions of the feature grid."""
+        return self.attrs["grid"][0] * self.attrs["grid"][1]
+
+    @property
     def config(self) -> dict[str, Any]:
         """The extractor configuration the model was fitted with."""
         keys = ("backbone", "layers", "layer_channels", "channels", "dims", "seed", "weights",
@@ -235,7 +240,7 @@ class ModelStore:
                      stop: int | None = None) -> Moments:
         """The running statistics of positions ``start:stop`` (default all) in memory
         (float64), or an empty state."""
-        positions, dims = self.attrs["grid"][0] * self.attrs["grid"][1], self.attrs["dims"]
+        positions, dims = self.positions, self.attrs["dims"]
         rows = slice(start, positions if stop is None else min(stop, positions))
         if self.attrs["state"] is None:
             return Moments.zeros(rows.stop - rows.start, dims, device=device)
@@ -360,7 +365,7 @@ class ModelStore:
         points at them until :meth:`commit_state`.
         """
         name = f"state-{self.attrs['seq'] + 1:06d}"
-        positions, dims = self.attrs["grid"][0] * self.attrs["grid"][1], self.attrs["dims"]
+        positions, dims = self.positions, self.attrs["dims"]
         cp = self.attrs["chunk_positions"]
         with self.switching(name):
             mean = self._new_array(f"{name}/mean", None, (positions, dims), "float64", cp)
@@ -408,7 +413,7 @@ class ModelStore:
         one clear error and removes what was written (see :meth:`switching`).
         """
         name = f"final-{self.attrs['state'].split('-')[1]}-{int(self.attrs.get('finals') or 0) + 1}"
-        positions, dims = self.attrs["grid"][0] * self.attrs["grid"][1], self.attrs["dims"]
+        positions, dims = self.positions, self.attrs["dims"]
         cp = self.attrs["chunk_positions"]
         with self.switching(name):
             mean = self._new_array(f"{name}/mean", None, (positions, dims), "float32", cp)
