@@ -38,7 +38,9 @@ SCALES = ((DEFAULT_TAIL, "log tails"), (0.0, "min-max"))
 
 
 def realistic_maps(seed: int, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(masks, maps) of shape (n, size, size); defects in images 0 .. n/2 - 1."""
+    """(masks, maps) of shape (n, size, size); defects in images 0 .. n/2 - 1.
+
+    tests/test_metrics.py uses these maps too (with one far outlier added)."""
     rng = np.random.default_rng(seed)
     noise = ndimage.gaussian_filter(rng.standard_normal((n, size, size)), (0, 4, 4))
     maps = 10 + 2 * noise / noise.std()

@@ -1,4 +1,6 @@
 """Tests of padim_ooc.metrics against sklearn and against brute-force references."""
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,27 +11,21 @@ from padim_ooc import binned
 from padim_ooc.metrics import (DEFAULT_N_BINS, PixelRocAccumulator, ProAccumulator,
                                image_auroc, pixel_auroc, pro_score, bin_layout, log_tails)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import measure_metric_error  # noqa: E402  (its synthetic maps: one generator for the tests and the script)
+
 BOTH_PATHS = pytest.mark.parametrize("max_exact", [10**9, 0], ids=["exact", "binned"])
 
 
 def realistic_maps(seed, n=24, size=128, outlier=True):
-    """PaDiM-like data: smooth Mahalanobis-like noise around 10, elliptic defects
-    in half the images with a blurred bump of random height, one far outlier
-    (which stretches the bin range the way a hot pixel does in practice)."""
-    rng = np.random.default_rng(seed)
-    noise = ndimage.gaussian_filter(rng.standard_normal((n, size, size)), (0, 4, 4))
-    maps = 10 + 2 * noise / noise.std()
-    yy, xx = np.mgrid[:size, :size]
-    masks = np.zeros((n, size, size), dtype=bool)
-    for i in range(n // 2):
-        for _ in range(rng.integers(1, 4)):
-            (cy, cx), (ry, rx) = rng.integers(0, size, 2), rng.uniform(2, size / 6, 2)
-            masks[i] |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-    bump = ndimage.gaussian_filter(masks.astype(float), (0, 3, 3))
-    maps += rng.uniform(4, 10, (n, 1, 1)) * bump
+    """PaDiM-like data (the maps scripts/measure_metric_error.py measures on: smooth
+    Mahalanobis-like noise around 10, elliptic defects in half the images with a
+    blurred bump of random height), with one far outlier (which stretches the bin
+    range the way a hot pixel does in practice)."""
+    masks, maps = measure_metric_error.realistic_maps(seed, n, size)
     if outlier:
         maps[-1, 0, 0] = 200.0
-    return masks, maps.astype(np.float32)
+    return masks, maps
 
 
 def boxes_case(seed, n=6, size=30, cell=10):
