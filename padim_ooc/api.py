@@ -14,7 +14,7 @@ from .errors import PadimError
 from .extractor import Extractor
 from .finalize import DEFAULT_EPS, finalize as _finalize
 from .fit import FitSummary, fit_store
-from .lock import default_command, store_lock
+from .store.lock import default_command, store_lock
 from .score import Model
 from .store import ModelStore, check_shareable, shared_path, store_exists
 
@@ -107,7 +107,7 @@ def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *, e
                                 on_error=on_error, progress=progress, device=device, weights=weights,
                                 max_memory=max_memory)
         else:
-            from .shards import fit_sharded
+            from .parallel.fit_shards import fit_sharded
 
             summary = fit_sharded(sources, model, cl, extractor=extractor, batch_size=batch_size,
                                   checkpoint_every=checkpoint_every, on_error=on_error, progress=progress,
@@ -260,7 +260,7 @@ def score_files(model: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
             score_paths(m, paths, batch_size=batch_size, sigma=sigma, loader_workers=0,
                         on_batch=lambda i, s, mp: on_result(np.asarray(i, np.int64), s, mp))
         else:
-            from .score_shards import score_sharded
+            from .parallel.score_shards import score_sharded
 
             score_sharded(model, paths, cl, batch_size=batch_size, sigma=sigma, maps=maps, device=device,
                           weights=weights, on_result=on_result)
@@ -274,7 +274,7 @@ def _client(workers: int | None, scheduler: str | None, client, *paths):
         check_shareable(*(shared_path(p) for p in paths))
     if client is not None:
         return nullcontext(client)
-    from .distributed import open_client
+    from .parallel.client import open_client
 
     return open_client(workers, scheduler)
 

@@ -244,7 +244,7 @@ def score(
 ):
     """Score images: OUT/scores.csv with one row `path,score` per image, in input order."""
     from .api import open_model
-    from .distributed import open_client
+    from .parallel.client import open_client
     from .data import list_images
     from .outputs import ScoreWriter
     from .progress import bar
@@ -266,7 +266,7 @@ def score(
             bad = score_paths(m, paths, batch_size=batch_size, sigma=sigma, loader_workers=loader_workers,
                               on_error=on_error, on_batch=on_batch)
         else:
-            from .score_shards import score_sharded
+            from .parallel.score_shards import score_sharded
 
             bad = score_sharded(model, paths, client, batch_size=batch_size, sigma=sigma, maps=maps,
                                 on_error=on_error, device=device, weights=_weights(weights), on_result=on_batch)
@@ -291,8 +291,8 @@ def evaluate(
 ):
     """Score a labelled test split: image AUROC, pixel AUROC, PRO, and an HTML report."""
     from .api import open_model
-    from .evaluate import evaluate as run_evaluate
-    from .layouts import find_layout
+    from .evaluation.evaluate import evaluate as run_evaluate
+    from .evaluation.layouts import find_layout
 
     layout = find_layout(data)
     m = open_model(model, device=device, weights=_weights(weights))
@@ -325,7 +325,7 @@ def mvtec(
     quiet: bool = QuietOpt,
 ):
     """MVTec AD: fit + evaluate every class, a table beside the paper's numbers."""
-    from .benchmark import benchmark_mvtec, markdown_table
+    from .recipes.benchmark import benchmark_mvtec, markdown_table
     from .extractor import Extractor
     from .presets import resolve
 
@@ -349,7 +349,7 @@ def demo(
     quiet: bool = QuietOpt,
 ):
     """Offline demo: ELPV solar cells, EfficientNet-Lite0, image AUROC and a report."""
-    from .demo import run_demo
+    from .recipes.demo import run_demo
 
     if cell_type not in ("mono", "poly"):
         raise PadimError(f"--cell-type must be mono or poly, not {cell_type!r}")

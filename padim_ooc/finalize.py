@@ -1,15 +1,12 @@
 """Covariance + eps I, Cholesky, precision: per position chunk, mapped with Dask."""
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
-import dask
 import dask.array as da
 import numpy as np
 import torch
 
 from .errors import PadimError
+from .parallel.tasks import compute
 from .store import ModelStore, check_shareable
 
 DEFAULT_EPS = 0.01
@@ -39,44 +36,6 @@ def precision_block(m2: np.ndarray, n: int, eps: float) -> np.ndarray:
     if bool((info > 0).any()):
         raise PadimError(f"a covariance is not positive definite (eps={eps}); use a larger --eps")
     return torch.cholesky_inverse(chol).to(torch.float32).numpy()
-
-
-def compute(tasks, *, client=None, scheduler: str | None = "threads") -> tuple:
-    """Compute the Dask objects ``tasks`` on ``client``, else with the Dask ``scheduler``
-    (``None``: the active ``dask.distributed`` client); returns their results.
-
-    Returns or raises only once no task is running any more: when one task
-    fails (a chunk write on a full disk), the others that had started still
-    write their chunks, and the caller removes what was written only after
-    that (otherwise a late chunk would re-create a removed folder). Tasks not
-    started yet are dropped (threads) or run to their end (a cluster: a task
-    running on a worker cannot be stopped, so all of them are waited for).
-    """
-    if client is None and scheduler is None:
-        try:
-            from distributed import get_client
-
-            client = get_client()
-        except (ImportError, ValueError):  # no client active: threads
-            scheduler = "threads"
-    if client is not None:
-        from distributed import wait
-
-        futures = client.compute(list(tasks))
-        try:
-            return tuple(client.gather(futures))
-        except BaseException:
-            wait(futures)
-            raise
-    if scheduler != "threads":
-        with dask.config.set(scheduler=scheduler):
-            return dask.compute(*tasks)
-    pool = ThreadPoolExecutor(os.cpu_count() or 1)
-    try:
-        with dask.config.set(scheduler="threads", pool=pool):
-            return dask.compute(*tasks)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | None = "threads",

@@ -16,7 +16,7 @@ import torch
 from .data import ImageFiles, display_path, list_images, loader
 from .errors import PadimError
 from .extractor import Extractor
-from .lock import default_command, store_lock
+from .store.lock import default_command, store_lock
 from .memory import MemoryPlan, default_budget, plan_memory, tune_allocator
 from .progress import bar
 from .store import ModelStore, store_exists

@@ -24,7 +24,7 @@ import torch
 import zarr
 
 from .errors import PadimError
-from .finalize import compute
+from .parallel.tasks import compute
 from .store import ModelStore, check_shareable, read_array, shared_path, store_exists
 from .welford import Moments, merge_
 

@@ -30,8 +30,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from padim_ooc.metrics import DEFAULT_TAIL, PixelMetrics, exact_pro_curve, pixel_auroc, pro_score
-from padim_ooc.pro import partial_area
+from padim_ooc.evaluation.metrics import DEFAULT_TAIL, PixelMetrics, exact_pro_curve, pixel_auroc, pro_score
+from padim_ooc.evaluation.pro import partial_area
 
 
 SCALES = ((DEFAULT_TAIL, "log tails"), (0.0, "min-max"))

@@ -382,7 +382,7 @@ def test_weights_check_compares_the_enum_members(tmp_path, image_dir, monkeypatc
 
 # ---- a writer refused by the lock starts no Dask cluster ----
 
-HOLD_LOCKS = ("import sys; from padim_ooc.lock import acquire\n"
+HOLD_LOCKS = ("import sys; from padim_ooc.store.lock import acquire\n"
               "for path in sys.argv[1:]: acquire(path, 'padim-ooc fit (test holder)')\n"
               "print('held', flush=True); sys.stdin.read()")
 

@@ -45,7 +45,7 @@ from typer.testing import CliRunner
 
 import padim_ooc as po
 from padim_ooc.cli import app
-from padim_ooc.lock import LOCK_NAME
+from padim_ooc.store.lock import LOCK_NAME
 from padim_ooc.store import ModelStore
 
 from conftest import CLI, write_images

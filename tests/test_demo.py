@@ -49,7 +49,7 @@ def test_demo_without_the_extra_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_demo_without_elpv_dataset_names_it_and_writes_nothing(tmp_path, monkeypatch):
-    from padim_ooc.demo import run_demo
+    from padim_ooc.recipes.demo import run_demo
 
     monkeypatch.setitem(sys.modules, "elpv_dataset", None)
     monkeypatch.setitem(sys.modules, "elpv_dataset.utils", None)
@@ -119,7 +119,7 @@ def test_tiny_demo_end_to_end(tmp_path):
     and the seeded ELPV split it writes checked against the data set's labels."""
     from elpv_dataset.utils import load_dataset
 
-    from padim_ooc.demo import run_demo
+    from padim_ooc.recipes.demo import run_demo
 
     ev, info = run_demo(tmp_path, subset={"n_train": 24, "n_test_good": 8, "n_test_defect": 8}, resize=64,
                         device="cpu", loader_workers=0, progress=False)

@@ -16,12 +16,13 @@ import torch
 
 import padim_ooc as po
 from padim_ooc.data import list_images
-from padim_ooc.distributed import open_client
+from padim_ooc.parallel.client import open_client
 from padim_ooc.finalize import finalize
 from padim_ooc.fit import fit_store
 from padim_ooc.score import score_paths
-from padim_ooc.score_shards import score_shard_size, score_sharded
-from padim_ooc.shards import fit_sharded, shard_ranges
+from padim_ooc.parallel.score_shards import score_shard_size, score_sharded
+from padim_ooc.parallel.fit_shards import fit_sharded
+from padim_ooc.parallel.tasks import shard_ranges
 from padim_ooc.store import ModelStore
 from padim_ooc.welford import Moments
 
@@ -141,7 +142,7 @@ def test_many_small_shards_equal_one_process(cluster, fitted, image_dir):
     assert len(sizes) == 5 and max(sizes) == 8
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     # each worker kept its copy of the model only for the run
-    from padim_ooc import score_shards
+    from padim_ooc.parallel import score_shards
 
     assert set(client.run(lambda: len(score_shards._models)).values()) == {0}
 

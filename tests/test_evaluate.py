@@ -12,9 +12,9 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 import padim_ooc as po
-from padim_ooc.evaluate import evaluate
-from padim_ooc.layouts import find_layout
-from padim_ooc.metrics import PixelMetrics, PixelRocAccumulator
+from padim_ooc.evaluation.evaluate import evaluate
+from padim_ooc.evaluation.layouts import find_layout
+from padim_ooc.evaluation.metrics import PixelMetrics, PixelRocAccumulator
 from test_layouts import make_mvtec_class, nearest_resize_crop
 
 from PIL import Image
@@ -224,7 +224,7 @@ def test_cli_evaluate(case, tmp_path, extractor):
 
 
 def test_cli_benchmark(tmp_path, extractor):
-    from padim_ooc.benchmark import benchmark_mvtec
+    from padim_ooc.recipes.benchmark import benchmark_mvtec
     from padim_ooc.errors import PadimError
 
     make_mvtec_class(tmp_path / "mv" / "bottle", seed=0, n_train=12, n_good=4, n_defect=3)
@@ -266,7 +266,7 @@ def test_cli_benchmark(tmp_path, extractor):
 
 
 def test_benchmark_table_notes_without_a_run():
-    from padim_ooc.benchmark import markdown_table
+    from padim_ooc.recipes.benchmark import markdown_table
 
     row = {"class": "bottle", "image_auroc": 0.9, "pixel_auroc": 0.95, "pro": 0.8, "n_train": 5, "n_test": 4,
            "fit_s": 1.0, "evaluate_s": 1.0}

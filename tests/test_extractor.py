@@ -307,7 +307,7 @@ def test_preset_backbone_override_and_the_benchmarks_weights_note(tmp_path, monk
     (V2 from `default`). Random state dicts in the torch cache under V1's and V2's file names."""
     from torchvision.models import MobileNet_V2_Weights as W
 
-    from padim_ooc.benchmark import overrides
+    from padim_ooc.recipes.benchmark import overrides
     from test_cli import cli_json
 
     from conftest import write_images

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import write_images
 from padim_ooc.errors import PadimError
-from padim_ooc.layouts import find_classes, find_layout, load_mask, load_view
+from padim_ooc.evaluation.layouts import find_classes, find_layout, load_mask, load_view
 
 
 def make_mvtec_class(root: Path, *, seed: int = 0, n_train: int = 20, n_good: int = 6,

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import padim_ooc as po
-from padim_ooc import lock
+from padim_ooc.store import lock
 from padim_ooc.store import ModelStore
 
 from test_store import CONFIG, moments
@@ -192,9 +192,12 @@ def test_holder_of_another_boot_or_pid_namespace_is_refused_never_broken(tmp_pat
 
 def _load_lock_module():
     """Source for a child python that loads padim_ooc/lock.py without the package (no torch)."""
+    store_dir = os.path.dirname(lock.__file__)
     return ("import sys, types; pkg = types.ModuleType('padim_ooc'); "
-            f"pkg.__path__ = [{os.path.dirname(lock.__file__)!r}]; sys.modules['padim_ooc'] = pkg; "
-            "from padim_ooc import lock; ")
+            f"pkg.__path__ = [{os.path.dirname(store_dir)!r}]; sys.modules['padim_ooc'] = pkg; "
+            "sub = types.ModuleType('padim_ooc.store'); "
+            f"sub.__path__ = [{store_dir!r}]; sys.modules['padim_ooc.store'] = sub; "
+            "from padim_ooc.store import lock; ")
 
 
 def test_live_holder_in_another_pid_namespace_is_refused(tmp_path):

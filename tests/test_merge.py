@@ -215,7 +215,7 @@ def test_a_failed_merge_keeps_the_output_as_it_was(tmp_path, monkeypatch):
     assert str(err.value) == (f"cannot write the model store {out}: No space left on device; "
                               "the previous checkpoint (4 images) is intact")
     # while the error (and its traceback) is alive, the lock is already given back
-    assert not po.lock.held(out) and not (out / ".padim_ooc.lock").exists()
+    assert not po.store.lock.held(out) and not (out / ".padim_ooc.lock").exists()
     with ModelStore.open(out, writable=True):  # a next writer gets in
         pass
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -1,4 +1,4 @@
-"""Tests of padim_ooc.metrics against sklearn and against brute-force references."""
+"""Tests of padim_ooc.evaluation.metrics against sklearn and against brute-force references."""
 import sys
 from pathlib import Path
 
@@ -7,8 +7,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from padim_ooc import binned
-from padim_ooc.metrics import (DEFAULT_N_BINS, PixelRocAccumulator, ProAccumulator,
+from padim_ooc.evaluation import binned
+from padim_ooc.evaluation.metrics import (DEFAULT_N_BINS, PixelRocAccumulator, ProAccumulator,
                                image_auroc, pixel_auroc, pro_score, bin_layout, log_tails)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

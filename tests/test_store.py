@@ -158,7 +158,7 @@ def test_a_damaged_root_is_a_store_that_cannot_be_opened(tmp_path):
     assert po.store.store_exists(path)  # not a free path: fit must not take it for one
     with pytest.raises(po.PadimError, match=f"cannot open the model {path}: JSONDecodeError"):
         ModelStore.open(path, writable=True)
-    assert not po.lock.held(path)
+    assert not po.store.lock.held(path)
 
 
 class CountReads:
@@ -301,7 +301,7 @@ def test_a_failed_finalize_says_the_previous_state_is_intact_and_leaves_nothing(
                 finalize(st, eps=0.5)
         assert str(err.value) == (f"cannot write the model store {path}: No space left on device; "
                                   "the previous checkpoint (7 images) is intact")
-        assert sorted(set(os.listdir(path)) - {po.lock.LOCK_NAME}) == ["final-000001-1", "ledger", "state-000001",
+        assert sorted(set(os.listdir(path)) - {po.store.lock.LOCK_NAME}) == ["final-000001-1", "ledger", "state-000001",
                                                                        "zarr.json"]
         back = ModelStore.open(path)
         assert back.attrs["final"] == "final-000001-1" and back.attrs["eps"] == 0.01 and back.attrs["finalized"]
@@ -342,9 +342,9 @@ def test_a_failed_finalize_removes_chunks_written_late_by_other_tasks(tmp_path, 
             mp.setattr(fz, "precision_block", slow_last_block)
             with pytest.raises(po.PadimError, match="No space left on device"):
                 fz.finalize(st, eps=0.5)
-            right_after = sorted(set(os.listdir(path)) - {po.lock.LOCK_NAME})
+            right_after = sorted(set(os.listdir(path)) - {po.store.lock.LOCK_NAME})
             time.sleep(1.0)
-            later = sorted(set(os.listdir(path)) - {po.lock.LOCK_NAME})
+            later = sorted(set(os.listdir(path)) - {po.store.lock.LOCK_NAME})
     expected = ["final-000001-1", "ledger", "state-000001", "zarr.json"]
     assert right_after == expected and later == expected, (right_after, later)
     assert ModelStore.open(path).attrs["eps"] == 0.01

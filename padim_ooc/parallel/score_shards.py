@@ -22,9 +22,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .score import DEFAULT_SIGMA, Model, score_paths
-from .shards import _results, _workers, shard_ranges, user_errors_as_values
-from .store import ModelStore, check_shareable, shared_path
+from ..score import DEFAULT_SIGMA, Model, score_paths
+from .tasks import results, shard_ranges, user_errors_as_values, worker_count
+from ..store import ModelStore, check_shareable, shared_path
 
 # images per scoring shard at most, and bytes of float16 maps one shard returns at most
 SCORE_SHARD_IMAGES = 256
@@ -133,7 +133,7 @@ def score_sharded(model: str | os.PathLike, paths: Sequence[str | os.PathLike], 
     crop = ModelStore.open(model).attrs["crop"]
     ModelStore.open(model).final_arrays()  # a clear error before any task runs
     paths = [shared_path(p) for p in paths]
-    workers = _workers(client)
+    workers = worker_count(client)
     cap = max_shard_images or score_shard_size(crop, maps)
     ranges = shard_ranges(len(paths), batch_size, shards or SCORE_SHARDS_PER_WORKER * workers, max_size=cap)
     token = uuid.uuid4().hex[:8]
@@ -154,7 +154,7 @@ def score_sharded(model: str | os.PathLike, paths: Sequence[str | os.PathLike], 
     try:
         for _ in range(SCORE_SHARDS_PER_WORKER * workers):
             submit_next()
-        for tag, (indices, scores, shard_maps, shard_bad) in _results(client, futures, "score", running):
+        for tag, (indices, scores, shard_maps, shard_bad) in results(client, futures, "score", running):
             del futures[tag]
             bad.extend(shard_bad)
             if on_result is not None:

@@ -53,7 +53,7 @@ from typing import Iterator
 
 import psutil
 
-from .errors import PadimError
+from ..errors import PadimError
 
 LOCK_NAME = ".padim_ooc.lock"
 # an empty or unreadable lock file younger than this may be one being written right now

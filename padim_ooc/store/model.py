@@ -30,13 +30,13 @@ import numpy as np
 import torch
 import zarr
 
-from . import __version__
+from .. import __version__
 from . import lock
 from .chunks import (ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, check_shareable, empty_folder, fsync, is_url as _is_url,
                      live_names, open_checked, remove_leftovers, pause_point, read_array, shared_path, sync_tree, wait_for_zarr_writes,
                      write_array)
-from .errors import PadimError
-from .welford import Moments
+from ..errors import PadimError
+from ..welford import Moments
 
 SCHEMA_VERSION = 1
 CHUNK_TARGET_BYTES = 32 * 2**20
@@ -470,6 +470,4 @@ class ModelStore:
                         del ledger[key]
 
 
-# names other modules import from here (their home is padim_ooc.chunks)
-__all__ = ["ModelStore", "store_exists", "shared_path", "check_shareable", "zarr_options", "positions_per_chunk", "read_array", "write_array",
-           "pause_point", "ATTR_KEY", "COMPLETE_KEY", "PAUSE_ENV", "SCHEMA_VERSION", "CHUNK_TARGET_BYTES"]
+__all__ = ["ModelStore", "store_exists", "zarr_options", "positions_per_chunk", "SCHEMA_VERSION", "CHUNK_TARGET_BYTES"]

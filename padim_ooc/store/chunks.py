@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 from zarr.storage import WrapperStore
 
-from .errors import PadimError
+from ..errors import PadimError
 
 ATTR_KEY = "padim_ooc"
 # array attribute: every chunk of this array is stored (write_empty_chunks), so a missing one is damage

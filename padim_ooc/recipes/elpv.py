@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import PadimError
+from ..errors import PadimError
 
 __all__ = ["prepare_elpv"]
 

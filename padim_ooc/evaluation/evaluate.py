@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from .data import display_path
-from .errors import PadimError
+from ..data import display_path
+from ..errors import PadimError
 from .layouts import GOOD, Layout, find_layout, load_mask, load_view
 from .metrics import DEFAULT_MAX_EXACT_PIXELS, DEFAULT_N_BINS, PixelMetrics, image_auroc
-from .progress import bar
+from ..progress import bar
 from .report import Example, write_report
-from .score import DEFAULT_SIGMA, Model, score_paths
+from ..score import DEFAULT_SIGMA, Model, score_paths
 
 log = logging.getLogger("padim_ooc")
 

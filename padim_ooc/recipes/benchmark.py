@@ -17,14 +17,14 @@ from typing import Sequence
 
 import numpy as np
 
-from .api import fit
-from .backbones import LITE0, file_hash, torchvision_weights
-from .errors import PadimError
-from .evaluate import evaluate
-from .extractor import Extractor
-from .layouts import find_classes, find_layout
-from .lite0 import lite0_weights_path
-from .presets import PAPER_MVTEC_MEAN, PRESETS, weights_for
+from ..api import fit
+from ..backbones import LITE0, file_hash, torchvision_weights
+from ..errors import PadimError
+from ..evaluation.evaluate import evaluate
+from ..extractor import Extractor
+from ..evaluation.layouts import find_classes, find_layout
+from ..lite0 import lite0_weights_path
+from ..presets import PAPER_MVTEC_MEAN, PRESETS, weights_for
 
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 HEADERS = ("image AUROC", "pixel AUROC", "PRO")

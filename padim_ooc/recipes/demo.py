@@ -19,12 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
-from .api import fit
-from .errors import PadimError
-from .evaluate import Evaluation, evaluate
-from .extractor import Extractor
-from .presets import preset
-from .store import store_exists
+from ..api import fit
+from ..errors import PadimError
+from ..evaluation.evaluate import Evaluation, evaluate
+from ..extractor import Extractor
+from ..presets import preset
+from ..store import store_exists
 
 DEMO_SUBSET = {"n_train": 200, "n_test_good": 60, "n_test_defect": 60}
 """Images of the default (quick) demo; ``--full`` uses every image of the split."""

@@ -32,8 +32,8 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from .data import IMAGE_SUFFIXES
-from .errors import PadimError
+from ..data import IMAGE_SUFFIXES
+from ..errors import PadimError
 
 GOOD = "good"
 MASK_SUFFIX = "_mask"
@@ -215,7 +215,7 @@ def load_view(path: Path, resize: int, crop: int) -> np.ndarray:
     -------
     ndarray of shape (crop, crop, 3), uint8
     """
-    from .data import decode_rgb
+    from ..data import decode_rgb
 
     t = TF.pil_to_tensor(decode_rgb(Path(path).read_bytes()))
     t = TF.resize(t, [resize, resize], antialias=True)

@@ -28,62 +28,20 @@ from pathlib import Path
 from typing import Sequence
 
 
-from .data import digest, list_images
-from .errors import PadimError, os_message
-from .extractor import Extractor
-from .fit import FitSummary, check_compatible, check_options, fit_part, memory_plan
-from .memory import default_budget
-from .merge import merge_stores
-from .progress import bar
-from .store import ModelStore, check_shareable, shared_path, store_exists
+from ..data import digest, list_images
+from ..errors import PadimError
+from ..extractor import Extractor
+from ..fit import FitSummary, check_compatible, check_options, fit_part, memory_plan
+from ..memory import default_budget
+from ..merge import merge_stores
+from ..progress import bar
+from ..store import ModelStore, check_shareable, shared_path, store_exists
+from .tasks import TaskFailure, remove_tree, results, shard_ranges, wait_stopped, worker_count
 
 log = logging.getLogger(__name__)
 
 # the Dask event topic on which fit shards announce their memory plan
 PLAN_TOPIC = "padim-ooc-memory-plan"
-# seconds a failed sharded fit waits at most for its shards still running before removing their stores
-PARTS_WAIT_S = 600.0
-
-
-@dataclass(frozen=True)
-class TaskFailure:
-    """A user-facing error of a task, returned as its value: a raised one makes every Dask
-    worker log "Compute Failed" with a traceback. :func:`_results` raises it on the client
-    as a :class:`PadimError` with the same one-line ``message``."""
-
-    message: str
-
-
-def user_errors_as_values(func, *args, **kwargs):
-    """``func(*args, **kwargs)``, or a :class:`TaskFailure` for a :class:`PadimError` or an
-    ``OSError`` (any other exception is a bug: it is raised, and Dask reports it in full)."""
-    try:
-        return func(*args, **kwargs)
-    except PadimError as err:
-        return TaskFailure(str(err))
-    except OSError as err:
-        return TaskFailure(os_message(err))
-
-
-def shard_ranges(count: int, batch_size: int, shards: int, max_size: int | None = None) -> list[tuple[int, int]]:
-    """Split ``range(count)`` into (start, stop) ranges: ``shards`` of them, or more
-    if that would put more than ``max_size`` items in one.
-
-    Every range but the last holds a multiple of ``batch_size`` items, so a
-    shard's batches are the batches of the whole list (``max_size`` is
-    rounded down to a multiple of ``batch_size``, but not below one batch).
-    """
-    if count == 0:
-        return []
-    per = -(-count // max(1, shards))
-    per = -(-per // batch_size) * batch_size
-    if max_size is not None:
-        per = min(per, max(batch_size, max_size // batch_size * batch_size))
-    return [(a, min(a + per, count)) for a in range(0, count, per)]
-
-
-def _workers(client) -> int:
-    return max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
 
 
 def _hash_files(paths: Sequence[str]) -> list[bytes | None]:
@@ -95,41 +53,6 @@ def _hash_files(paths: Sequence[str]) -> list[bytes | None]:
         except (OSError, ValueError):
             out.append(None)
     return out
-
-
-def _results(client, futures: dict, what: str, running=None):
-    """Yield (tag, result) as the tasks finish; on an error cancel the rest and raise it.
-
-    ``running``: a ``distributed.as_completed`` the caller adds futures to
-    (and ``futures`` with them); default: over ``futures`` as they are now.
-    ``tag`` is ``futures[future]``, or the future itself where ``running`` is given.
-    """
-    from distributed import as_completed
-    from distributed.scheduler import KilledWorker
-
-    try:
-        for future in running if running is not None else as_completed(list(futures)):
-            tag = future if running is not None else futures[future]
-            result = future.result()
-            future.release()
-            if isinstance(result, TaskFailure):
-                raise PadimError(result.message)
-            yield tag, result
-    except KilledWorker as err:
-        client.cancel(list(futures))
-        raise PadimError(f"{what}: a task was lost with its worker too many times ({err}); "
-                         "the workers may be running out of memory") from None
-    except BaseException:
-        client.cancel(list(futures))
-        raise
-
-
-def _remove_tree(path: str) -> None:
-    import fsspec
-
-    fs, inner = fsspec.core.url_to_fs(path)
-    if fs.exists(inner):
-        fs.rm(inner, recursive=True)
 
 
 def fit_sharded(sources: Sequence[str | os.PathLike], model: str | os.PathLike, client, *,
@@ -193,7 +116,7 @@ def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batc
                 checkpoint_every: int | None, on_error: str, progress: bool, device: str, weights: str | None,
                 max_memory: int | None, shards: int | None) -> FitSummary:
     model, config = store.path, store.config
-    ranges = shard_ranges(len(paths), batch_size, shards or _workers(client))
+    ranges = shard_ranges(len(paths), batch_size, shards or worker_count(client))
     summary = FitSummary(model=model)
     if max_memory:  # fails early if the budget cannot hold one batch
         memory_plan(config, batch_size, max_memory)
@@ -218,7 +141,7 @@ def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batc
         kept.append(keep)
 
     # 2. one partial store per shard
-    _remove_tree(parts)  # partial stores of an interrupted run: their shards may differ
+    remove_tree(parts)  # partial stores of an interrupted run: their shards may differ
     token = uuid.uuid4().hex[:8]
     futures = {}
     for k, keep in enumerate(kept):
@@ -234,7 +157,7 @@ def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batc
     try:
         with bar(f"fit {Path(model).name} ({len(futures)} shards)", len(paths), enabled=progress) as advance:
             advance(len(paths) - sum(size for _, size in futures.values()))
-            for (k, size), (part, plan, worker) in _results(client, futures, "fit"):
+            for (k, size), (part, plan, worker) in results(client, futures, "fit"):
                 plans(plan, part.blocks, worker)  # in case its event was late
                 summary.added += part.n_images
                 for name, reason in part.skipped:  # logged here, not on the worker (where no one may see it)
@@ -253,34 +176,10 @@ def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batc
     finally:
         client.unsubscribe_topic(PLAN_TOPIC)
         if failed:  # a cancelled shard still running would write its store after the removal
-            _wait_stopped(client, list(futures), f"padim-ooc-fit-{token}-")
-        _remove_tree(parts)
+            wait_stopped(client, list(futures), f"padim-ooc-fit-{token}-")
+        remove_tree(parts)
     summary.n_images = store.n_images
     return summary
-
-
-def _running_keys(dask_worker) -> list[str]:
-    return [str(key) for key in list(dask_worker.active_threads.values())]
-
-
-def _wait_stopped(client, futures: list, prefix: str, timeout: float = PARTS_WAIT_S) -> None:
-    """Wait (at most ``timeout`` s) until every task of ``futures`` is over: finished, failed,
-    or cancelled and no longer running on a worker (a running task cannot be stopped)."""
-    from distributed import wait
-
-    deadline = time.monotonic() + timeout
-    try:
-        try:
-            wait(futures, timeout=timeout)
-        except CancelledError:  # cancelled (the usual case here): the scheduler forgot them, a worker may not have
-            pass
-        while time.monotonic() < deadline:
-            running = client.run(_running_keys)
-            if not any(key.startswith(prefix) for keys in running.values() for key in keys):
-                return
-            time.sleep(0.1)
-    except Exception:  # noqa: BLE001 - a cluster going away runs nothing more; remove what is there
-        pass
 
 
 class _PlanEcho:

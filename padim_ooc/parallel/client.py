@@ -29,7 +29,7 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from .errors import PadimError
+from ..errors import PadimError
 
 TORCH_THREADS_PER_WORKER = 1
 # seconds to wait for a scheduler to answer, and for it to have a worker (environment overrides)
