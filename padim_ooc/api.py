@@ -1,31 +1,40 @@
-"""The Python API: ``fit``, ``open_model``, ``finalize_model``, ``merge`` and ``score_files``."""
+"""The Python API: ``fit``, ``open_model``, ``finalize_model``, ``merge`` and ``score_files``.
+
+Each function checks its options once, into an options record
+(:class:`~padim_ooc.options.FitOptions`, :class:`~padim_ooc.options.ScoreOptions`),
+and hands it to the same pipeline the command line runs
+(:func:`padim_ooc.fit.run_fit`, :func:`run_score`).
+"""
 from __future__ import annotations
 
-import math
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from . import merge as _merge_module  # noqa: F401  loaded now, so that `padim_ooc.merge` stays the function below
+from .config import ModelConfig
+from .data import list_images
 from .errors import PadimError
 from .extractor import Extractor
-from .finalize import DEFAULT_EPS, finalize as _finalize
-from .fit import FitSummary, fit_store
-from .store.lock import default_command, store_lock
-from .score import Model
-from .store import ModelStore, check_shareable, shared_path, store_exists
+from .finalize import finalize as _finalize
+from .fit import FitSummary, run_fit
+from .options import Cluster, FitOptions, ScoreOptions, check_eps, eps_for
+from .outputs import ArraySink
+from .progress import bar
+from .score import Model, score_images
+from .store import ModelStore, lock
 
 
-def open_model(path: str | os.PathLike, *, device: str = "auto", weights: str | None = None) -> Model:
+def open_model(path: str | os.PathLike, *, device: str = "auto", weights: str | None = None,
+               extractor: Extractor | None = None) -> Model:
     """Open a fitted model store (read-only).
 
     ``weights``: where to load the backbone weights from if the model was
     fitted with a local weights file (the stored hash is checked).
+    ``extractor``: one already built for this model (its features are checked
+    against the stored configuration), so it is not built again.
     """
-    return Model(ModelStore.open(path), device=device, weights=weights)
+    return Model(ModelStore.open(path), device=device, weights=weights, extractor=extractor)
 
 
 def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | os.PathLike, *,
@@ -75,52 +84,13 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
         sources = [sources]
     if extractor is not None and weights is not None:
         raise PadimError("give either an extractor (built with its weights) or weights, not both")
-    if extractor is None and not store_exists(model):
-        extractor = Extractor(weights="default" if weights is None else weights, device=device)
-    run_fit(sources, model, extractor=extractor, weights=weights, batch_size=batch_size,
-            checkpoint_every=checkpoint_every, finalize=finalize, eps=eps, loader_workers=loader_workers,
-            on_error=on_error, progress=progress, device=device, max_memory=max_memory, workers=workers,
-            scheduler=scheduler, client=client)
-    if extractor is None:
-        return open_model(model, device=device, weights=weights)
-    return _opened(model, extractor)
-
-
-def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *, extractor: Extractor | None,
-            weights: str | None = None, batch_size: int = 32, checkpoint_every: int | None = None,
-            finalize: bool = True, eps: float | None = None, loader_workers: int | None = None,
-            on_error: str = "skip", progress: bool = False, device: str = "auto",
-            max_memory: int | None = None, workers: int | None = None, scheduler: str | None = None,
-            client=None) -> tuple[FitSummary, bool]:
-    """What :func:`fit` and ``padim-ooc fit`` do: fit, then finalize if asked, under
-    one lock (no other writer in between). Returns the fit's summary and whether
-    the store is finalized at the end (its real state)."""
-    if eps is not None:
-        check_eps(eps)
-    if weights is not None and store_exists(model):
-        check_weights(ModelStore.open(model).attrs, weights, model)
-    # the lock first: a refused writer starts no cluster
-    with store_lock(model, default_command()), _client(workers, scheduler, client, model) as cl:
-        if cl is None:
-            summary = fit_store(sources, model, extractor=extractor, batch_size=batch_size,
-                                checkpoint_every=checkpoint_every, loader_workers=loader_workers,
-                                on_error=on_error, progress=progress, device=device, weights=weights,
-                                max_memory=max_memory)
-        else:
-            from .parallel.fit_shards import fit_sharded
-
-            summary = fit_sharded(sources, model, cl, extractor=extractor, batch_size=batch_size,
-                                  checkpoint_every=checkpoint_every, on_error=on_error, progress=progress,
-                                  device=device, weights=weights, max_memory=max_memory)
-        with ModelStore.open(model, writable=True) as store:
-            wanted = eps_for(store.attrs, eps)
-            if finalize and (not store.attrs["finalized"] or wanted != store.attrs["eps"]):
-                n = store.n_images
-                if n < 2:
-                    raise PadimError(f"the statistics of {n} image{'s' * (n != 1)} are saved in {model}, but "
-                                     "finalize needs at least 2 images: fit more images into it (that fit finalizes it)")
-                _finalize(store, eps=wanted, client=cl)
-            return summary, bool(store.attrs["finalized"])
+    options = FitOptions(batch_size=batch_size, device=device, loader_workers=loader_workers, on_error=on_error,
+                         progress=progress, cluster=Cluster(workers, scheduler, client),
+                         checkpoint_every=checkpoint_every, max_memory=max_memory, finalize=finalize, eps=eps)
+    config = ModelConfig(weights=weights) if weights is not None else None
+    run_fit(sources, model, options, config=config, extractor=extractor)
+    return open_model(model, device=device if extractor is None else str(extractor.device), weights=weights,
+                      extractor=extractor)
 
 
 def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers: int | None = None,
@@ -148,62 +118,10 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers
     """
     if eps is not None:
         check_eps(eps)
-    with ModelStore.open(path, writable=True) as store, _client(workers, scheduler, client, path) as cl:
+    cluster = Cluster(workers, scheduler, client)
+    with ModelStore.open(path, writable=True) as store, cluster.open(store.path) as cl:
         _finalize(store, eps=eps_for(store.attrs, eps), client=cl)
     return open_model(path)
-
-
-def check_eps(eps: float) -> float:
-    """``eps`` if it is a finite number >= 0, else a one-line :class:`PadimError`."""
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise PadimError(f"eps must be a finite number >= 0 (e.g. 0.01), got {eps!r}")
-    return eps
-
-
-def eps_for(stored: dict, eps: float | None) -> float:
-    """The eps to finalize with: ``eps`` if given, else the model's current eps
-    (``stored["eps"]``), else :data:`~padim_ooc.finalize.DEFAULT_EPS` (0.01) for a
-    model never finalized. What ``fit``, ``merge`` and ``finalize`` all use."""
-    if eps is not None:
-        return eps
-    return DEFAULT_EPS if stored.get("eps") is None else stored["eps"]
-
-
-def check_weights(stored: dict, weights: str | None, path) -> None:
-    """Refuse ``weights`` that are not those the model was fitted with, before any
-    backbone is built (``default`` would download weights first).
-
-    ``stored["weights"]`` is ``random:seed=S``, ``torchvision:<enum>`` or
-    ``file:<sha256>``. ``default`` and ``torchvision:...`` are resolved for the
-    model's backbone (:func:`padim_ooc.backbones.torchvision_weights`) and must be
-    the stored enum member itself (``default`` for EfficientNet-Lite0: the
-    installed file, by hash). A file given for a model fitted with another file
-    is compared by hash; other files are left to the digest check of the weights.
-    """
-    if weights is None:
-        return
-    from .backbones import LITE0, file_hash, torchvision_weights
-
-    wid, backbone = stored["weights"], stored["backbone"]
-    names = ""  # what `weights` resolves to, where that is not what it says
-    if weights.lower() == "none":
-        same = wid.startswith("random:")
-    elif backbone == LITE0 and weights == "default":
-        from .lite0 import lite0_weights_path
-
-        same = wid.startswith("file:") and file_hash(lite0_weights_path()) == wid[len("file:"):]
-    elif weights == "default" or weights.startswith("torchvision:"):
-        given = None if backbone == LITE0 else torchvision_weights(backbone, weights)
-        same = wid.startswith("torchvision:") and given is torchvision_weights(backbone, wid)
-        if given is not None and f"torchvision:{given}" != weights:
-            names = f" ({given})"  # `default` is not always the member a model was fitted with
-    elif wid.startswith("file:") and Path(weights).is_file():
-        same = file_hash(Path(weights)) == wid[len("file:"):]
-    else:
-        return
-    if not same:
-        raise PadimError(f"the model {os.fspath(path)} was fitted with the weights {wid}, not {weights!r}{names}; "
-                         "leave the weights out (the model's own are used), or use a new model path for other weights")
 
 
 def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, finalize: bool = True,
@@ -221,8 +139,9 @@ def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, final
 
     if eps is not None:
         check_eps(eps)
+    cluster = Cluster(workers, scheduler, client)
     # the lock first: a refused writer starts no cluster
-    with store_lock(model, default_command()), _client(workers, scheduler, client, model, *parts) as cl:
+    with lock.store_lock(model, lock.default_command()), cluster.open(model, *parts) as cl:
         result = merge_stores(parts, model, client=cl)
         with ModelStore.open(model, writable=True) as store:
             if finalize:
@@ -232,7 +151,8 @@ def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, final
 
 def score_files(model: str | os.PathLike, paths: Sequence[str | os.PathLike], *, batch_size: int = 32,
                 maps: bool = False, sigma: float = 4.0, device: str = "auto", weights: str | None = None,
-                workers: int | None = None, scheduler: str | None = None, client=None):
+                loader_workers: int | None = None, on_error: str = "skip", workers: int | None = None,
+                scheduler: str | None = None, client=None):
     """Score image files, on a Dask cluster when asked (shards of ``paths`` go to the workers).
 
     Returns
@@ -240,46 +160,36 @@ def score_files(model: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
     scores : ndarray of shape (N,), float64, in input order (NaN for an unreadable image)
     maps : ndarray of shape (N, crop, crop), float16, or None without ``maps``
     """
-    from .data import list_images
-
+    options = ScoreOptions(batch_size=batch_size, device=device, loader_workers=loader_workers, on_error=on_error,
+                           cluster=Cluster(workers, scheduler, client), sigma=sigma, maps=maps)
     paths = list_images(paths)
-    crop = ModelStore.open(model).attrs["crop"]
-    scores = np.full(len(paths), np.nan)
-    out_maps = np.zeros((len(paths), crop, crop), np.float16) if maps else None
-
-    def on_result(indices, batch_scores, batch_maps):
-        scores[indices] = batch_scores
-        if out_maps is not None:
-            out_maps[indices] = batch_maps
-
-    with _client(workers, scheduler, client, model) as cl:
-        if cl is None:
-            from .score import score_paths
-
-            m = open_model(model, device=device, weights=weights)
-            score_paths(m, paths, batch_size=batch_size, sigma=sigma, loader_workers=0,
-                        on_batch=lambda i, s, mp: on_result(np.asarray(i, np.int64), s, mp))
-        else:
-            from .parallel.score_shards import score_sharded
-
-            score_sharded(model, paths, cl, batch_size=batch_size, sigma=sigma, maps=maps, device=device,
-                          weights=weights, on_result=on_result)
-    return scores, out_maps
+    store = ModelStore.open(model)
+    sink = ArraySink(len(paths), store.attrs["crop"], maps=maps)
+    run_score(store, paths, options, sink, weights=weights)
+    return sink.scores, sink.maps
 
 
-def _client(workers: int | None, scheduler: str | None, client, *paths):
-    """The Dask client to run on (or None); ``paths`` the workers will need are
-    checked first (a ``memory://`` store is refused before a cluster starts)."""
-    if workers or scheduler or client is not None:
-        check_shareable(*(shared_path(p) for p in paths))
-    if client is not None:
-        return nullcontext(client)
-    from .parallel.client import open_client
+def run_score(store: ModelStore, paths: Sequence[Path], options: ScoreOptions, sink, *,
+              weights: str | None = None) -> list[tuple[int, str]]:
+    """What ``padim-ooc score`` and :func:`score_files` do: score ``paths`` with the finalized
+    model of ``store``, in this process or on the cluster of ``options.cluster`` (the one place
+    that chooses), handing every batch's results to ``sink.add(indices, scores, maps)``.
 
-    return open_client(workers, scheduler)
+    Returns the ``(index, reason)`` of the images that could not be read (skipped).
+    """
+    store.final_arrays()  # a clear error before any image is read
+    with options.cluster.open(store.path) as client, \
+            bar(f"score {Path(store.path).name}", len(paths), enabled=options.progress) as advance:
+        def on_batch(indices, scores, batch_maps):
+            sink.add(indices, scores, batch_maps if options.maps else None)
+            advance(len(indices))
+
+        if client is None:
+            model = Model(store, device=options.device, weights=weights)
+            return score_images(model, paths, options, on_batch)
+        from .parallel.score_shards import score_sharded
+
+        return score_sharded(store, paths, client, options, weights=weights, on_result=on_batch)
 
 
-def _opened(path, extractor: Extractor) -> Model:
-    model = open_model(path, device=str(extractor.device))
-    model._extractor = extractor
-    return model
+__all__ = ["fit", "open_model", "finalize_model", "merge", "score_files", "run_score", "run_fit", "FitSummary"]

@@ -12,7 +12,9 @@ from typing import List, Optional
 import typer
 
 from . import __version__
+from .config import DEFAULT_BACKBONE, DEFAULT_CROP, DEFAULT_RESIZE, DEFAULT_SEED, DEFAULT_WEIGHTS
 from .errors import PadimError, os_message
+from .options import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_SIGMA
 
 # rich_markup_mode=None: plain help (Rich markup would eat the "[default]" brackets of the help texts)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -91,17 +93,11 @@ def _need_data(data: Optional[List[str]], example: str) -> List[str]:
     return data
 
 
-def _need_on_error(value: str) -> str:
-    if value not in ("skip", "fail"):
-        raise PadimError(f"--on-error must be skip or fail, not {value!r}")
-    return value
-
-
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-BatchOpt = typer.Option(32, "--batch-size", min=1, help="Images per forward pass.")
+BatchOpt = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass.")
 LoaderOpt = typer.Option(None, "--loader-workers", min=0,
                          help="Image decoding processes (default: on a GPU the cores, up to 8; on the CPU one per 4 cores).")
-SigmaOpt = typer.Option(4.0, "--sigma", min=0.0, help="Gaussian blur of the maps (pixels); 0 = none.")
+SigmaOpt = typer.Option(DEFAULT_SIGMA, "--sigma", min=0.0, help="Gaussian blur of the maps (pixels); 0 = none.")
 ModelWeightsOpt = typer.Option(None, "--weights", help="Local weights file, if the model was fitted with one.")
 OnErrorOpt = typer.Option("skip", "--on-error", help="skip (warn and count) or fail (stop) on an unreadable image.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
@@ -131,20 +127,20 @@ PresetOpt = typer.Option(None, "--preset", help="r18-rd100 (resnet18, 100 channe
 def fit(
     data: List[str] = DataArg,
     model: str = typer.Option(..., "--model", help="Model store (Zarr); created or extended."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="torchvision model name or efficientnet_lite0 [resnet18]."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help=f"torchvision model name or efficientnet_lite0 [{DEFAULT_BACKBONE}]."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layer names [first three stages]."),
     dims: Optional[int] = typer.Option(None, "--dims", min=1, help="Random channels kept [100 for resnet18, 550 for wide_resnet50_2]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the channel draw and of random weights [0]."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="default (pretrained), a state-dict file, or none (random) [default]."),
-    resize: Optional[int] = typer.Option(None, "--resize", min=1, help="Square resize in pixels [256]."),
-    crop: Optional[int] = typer.Option(None, "--crop", min=1, help="Centre crop in pixels [224]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"Seed of the channel draw and of random weights [{DEFAULT_SEED}]."),
+    weights: Optional[str] = typer.Option(None, "--weights", help=f"default (pretrained), a state-dict file, or none (random) [{DEFAULT_WEIGHTS}]."),
+    resize: Optional[int] = typer.Option(None, "--resize", min=1, help=f"Square resize in pixels [{DEFAULT_RESIZE}]."),
+    crop: Optional[int] = typer.Option(None, "--crop", min=1, help=f"Centre crop in pixels [{DEFAULT_CROP}]."),
     preset: Optional[str] = PresetOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1, help="Images between checkpoints [auto: every 1000 images, spaced so that writing them takes at most 2 % of the time]."),
     no_finalize: bool = typer.Option(False, "--no-finalize", help="Leave the model unfinalized (add more images later)."),
     eps: Optional[float] = typer.Option(None, "--eps", show_default=False, help="Added to the covariance "
-                                        "diagonal at finalize [the model's eps, 0.01 for a new model]; a finalized "
+                                        f"diagonal at finalize [the model's eps, {DEFAULT_EPS} for a new model]; a finalized "
                                         "model with another eps is finalized again."),
     loader_workers: Optional[int] = LoaderOpt,
     on_error: str = OnErrorOpt,
@@ -156,41 +152,24 @@ def fit(
                                              "not fit, positions are fitted in blocks, one pass over the images each."),
 ):
     """Fit a model on normal images (or add unseen images to an existing one)."""
-    from .api import check_eps, run_fit
-    from .data import list_images
-    from .extractor import Extractor
-    from .store import ModelStore, store_exists
+    from .config import ModelConfig
+    from .fit import run_fit
+    from .options import Cluster, FitOptions
 
     # every option is checked before anything is built (a backbone may download its weights)
-    _need_on_error(on_error)
-    if eps is not None:
-        check_eps(eps)
-    budget = _bytes(max_memory)
-    paths = list_images(_need_data(data, "padim-ooc fit data/train/good --model model.zarr"))
-    if preset is not None:  # the preset's options, overridden by those given explicitly
+    options = FitOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
+                         on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
+                         checkpoint_every=checkpoint_every, max_memory=_bytes(max_memory),
+                         finalize=not no_finalize, eps=eps)
+    asked = ModelConfig(backbone=backbone, layers=_layers(layers), dims=dims, seed=seed, weights=weights,
+                        resize=resize, crop=crop)
+    if preset is not None:  # the preset's fields, overridden by those given explicitly
         from .presets import resolve
 
-        chosen = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop, weights=_weights(weights))
-        backbone, dims, resize, crop, weights = (chosen[k] for k in ("backbone", "dims", "resize", "crop", "weights"))
-    given = {"backbone": backbone, "layers": _layers(layers), "seed": seed, "resize": resize, "crop": crop,
-             "dims": dims}
-    extractor = None
-    if store_exists(model):
-        stored = ModelStore.open(model).attrs
-        for key, value in given.items():
-            if value is not None and value != stored[key]:
-                raise PadimError(f"the model {model} was fitted with {key}={stored[key]!r}, not {value!r}; "
-                                 "use a new --model path for a different configuration")
-    else:
-        resize_v = resize or 256
-        extractor = Extractor(backbone or "resnet18", layers=given["layers"], dims=dims, seed=seed or 0,
-                              weights=_weights(weights) if weights else "default", resize=resize_v,
-                              crop=crop or min(224, resize_v), device=device)
-    summary, finalized = run_fit(paths, model, extractor=extractor, weights=_weights(weights),
-                                 batch_size=batch_size, checkpoint_every=checkpoint_every,
-                                 finalize=not no_finalize, eps=eps, loader_workers=loader_workers,
-                                 on_error=on_error, progress=not quiet, device=device, max_memory=budget,
-                                 workers=workers, scheduler=scheduler)
+        asked = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop, weights=asked.weights).merged(
+            ModelConfig(layers=asked.layers, seed=seed))
+    data = _need_data(data, "padim-ooc fit data/train/good --model model.zarr")
+    summary, finalized = run_fit(data, model, options, config=asked)
     typer.echo(json.dumps(summary.as_dict() | {"finalized": finalized}))
 
 
@@ -243,33 +222,21 @@ def score(
     scheduler: Optional[str] = SchedulerOpt,
 ):
     """Score images: OUT/scores.csv with one row `path,score` per image, in input order."""
-    from .api import open_model
-    from .parallel.client import open_client
+    from .api import run_score
     from .data import list_images
+    from .options import Cluster, ScoreOptions
     from .outputs import ScoreWriter
-    from .progress import bar
-    from .score import score_paths
+    from .store import ModelStore
 
+    options = ScoreOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
+                           on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
+                           sigma=sigma, maps=maps)
     data = _need_data(data, f"padim-ooc score {model} data/test --out out")
-    _need_on_error(on_error)
-    m = open_model(model, device=device, weights=_weights(weights))
-    m.store.final_arrays()  # a clear error before reading any image
+    store = ModelStore.open(model)
+    store.final_arrays()  # a clear error before reading any image
     paths = list_images(data)
-    with open_client(workers, scheduler) as client, \
-            ScoreWriter(out, paths, crop=m.store.attrs["crop"], maps=maps) as writer, \
-            bar(f"score {Path(model).name}", len(paths), enabled=not quiet) as advance:
-        def on_batch(indices, scores, batch_maps):
-            writer.add(indices, scores, batch_maps)
-            advance(len(indices))
-
-        if client is None:
-            bad = score_paths(m, paths, batch_size=batch_size, sigma=sigma, loader_workers=loader_workers,
-                              on_error=on_error, on_batch=on_batch)
-        else:
-            from .parallel.score_shards import score_sharded
-
-            bad = score_sharded(model, paths, client, batch_size=batch_size, sigma=sigma, maps=maps,
-                                on_error=on_error, device=device, weights=_weights(weights), on_result=on_batch)
+    with ScoreWriter(out, paths, crop=store.attrs["crop"], maps=maps) as writer:
+        bad = run_score(store, paths, options, writer, weights=_weights(weights))
         for i, err in bad:
             log.warning("skipped %s: %s", writer.name(i), err)
     typer.echo(json.dumps({"scored": writer.count, "skipped": len(bad), "out": str(out)}))
@@ -325,13 +292,14 @@ def mvtec(
     quiet: bool = QuietOpt,
 ):
     """MVTec AD: fit + evaluate every class, a table beside the paper's numbers."""
-    from .recipes.benchmark import benchmark_mvtec, markdown_table
+    import dataclasses
+
     from .extractor import Extractor
+    from .recipes.benchmark import benchmark_mvtec, markdown_table
     from .presets import resolve
 
-    opts = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop, weights=_weights(weights))
-    extractor = Extractor(opts["backbone"], dims=opts["dims"], seed=seed, weights=opts["weights"],
-                          resize=opts["resize"], crop=opts["crop"], device=device)
+    asked = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop, weights=_weights(weights))
+    extractor = Extractor(config=dataclasses.replace(asked, seed=seed), device=device)
     result = benchmark_mvtec(root, out, extractor, preset=preset, classes=_layers(classes, "--classes"),
                              batch_size=batch_size, loader_workers=loader_workers, progress=not quiet)
     typer.echo(markdown_table(result))

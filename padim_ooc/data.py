@@ -265,11 +265,9 @@ def default_workers(device: str = "cpu") -> int:
     """Loader worker processes (0 = decode in-process).
 
     For a GPU: the cores we may use, up to 8 (the device waits on decoding).
-    On the CPU the backbone already runs on every core; decoding processes
-    beside it only time-share the same cores: on 2 cores, 2 workers made both
-    the backbone alone (16.1-17.3 against 15.6 ms an image) and the fit
-    (21.7-23.4 against 19.1-19.9) slower than decoding in-process. So one
-    worker per 4 cores there (0 on 2 or 3 cores).
+    On the CPU the backbone already runs on every core, and decoding processes
+    beside it only time-share the same cores: one worker per 4 cores there (0 on
+    2 or 3 cores). Measured: docs/design.md ("Decoding in-process on small CPUs").
     """
     try:
         cores = len(os.sched_getaffinity(0))

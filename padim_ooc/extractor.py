@@ -2,6 +2,7 @@
 upsampled (nearest) to the first layer's grid and concatenated."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backbones
+from .config import ModelConfig, weights_source
 from .data import Preprocess
 from .errors import PadimError
 
@@ -126,31 +128,37 @@ def draw_channels(total: int, dims: int | None, seed: int) -> list[int]:
 class Extractor:
     """PaDiM patch embeddings of preprocessed images.
 
+    Built from a :class:`~padim_ooc.config.ModelConfig` (``Extractor(config=...)``,
+    or :meth:`from_config` for a fitted model's record), or from its fields
+    given as keywords; what is not given takes the record's defaults
+    (:meth:`ModelConfig.with_defaults <padim_ooc.config.ModelConfig.with_defaults>`).
+
     Parameters
     ----------
-    backbone : str
+    backbone : str, optional
         A torchvision classification model name (``resnet18``,
-        ``wide_resnet50_2``, ...) or ``efficientnet_lite0``.
+        ``wide_resnet50_2``, ...) or ``efficientnet_lite0`` [resnet18].
     layers : list of str, optional
-        Node names whose maps are concatenated; default: the first three stages.
+        Node names whose maps are concatenated [the first three stages].
     dims : int, optional
-        Channels kept (random subset, seeded). Default: 100 for resnet18, 550
-        for wide_resnet50_2, all channels otherwise.
-    seed : int
-        Seed of the channel draw and of random weights.
+        Channels kept (random subset, seeded) [100 for resnet18, 550 for
+        wide_resnet50_2, all channels otherwise].
+    seed : int, optional
+        Seed of the channel draw and of random weights [0].
     weights : str or None
-        ``"default"`` (pretrained, torchvision's weights API), a state-dict
-        file path, or ``None``/``"none"`` (random init, seeded).
-    resize, crop : int
-        Square resize, then centre crop (pixels).
+        ``"default"`` (pretrained, torchvision's weights API), ``torchvision:NAME``,
+        a state-dict file path, or ``None``/``"none"`` (random init, seeded).
+    resize, crop : int, optional
+        Square resize, then centre crop (pixels) [256; 224 or the resize if smaller].
     device : str
         ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     channels : list of int, optional
-        The channel indices to keep (overrides ``dims``/``seed`` draw; used
-        when a stored model is reopened).
+        The channel indices to keep (instead of the seeded draw of ``dims``;
+        a fitted model's record has them).
     mean, std : tuple of 3 floats, optional
-        Input normalisation; default: what the backbone's weights expect
-        (ImageNet's for torchvision models).
+        Input normalisation [what the backbone's weights expect].
+    config : ModelConfig, optional
+        The whole configuration at once (the keywords above then must not be given).
 
     Notes
     -----
@@ -160,22 +168,27 @@ class Extractor:
     rounding, not bit for bit.
     """
 
-    def __init__(self, backbone: str = "resnet18", *, layers: list[str] | None = None,
-                 dims: int | None = None, seed: int = 0, weights: str | None = "default",
-                 resize: int = 256, crop: int = 224, device: str = "auto",
-                 channels: list[int] | None = None,
-                 mean: tuple | None = None, std: tuple | None = None):
+    def __init__(self, backbone: str | None = None, *, layers: list[str] | None = None,
+                 dims: int | None = None, seed: int | None = None, weights: str | None = "default",
+                 resize: int | None = None, crop: int | None = None, device: str = "auto",
+                 channels: list[int] | None = None, mean: tuple | None = None, std: tuple | None = None,
+                 config: ModelConfig | None = None):
+        if config is None:
+            config = ModelConfig(backbone=backbone, layers=layers, dims=dims, seed=seed,
+                                 weights="none" if weights is None else weights, resize=resize, crop=crop,
+                                 normalize_mean=mean, normalize_std=std, channels=channels)
+        cfg = config.with_defaults()
+        crop, resize = cfg.crop, cfg.resize
         if crop > resize:
             raise PadimError(f"crop {crop} is larger than resize {resize}")
         if crop < 32:
             raise PadimError(f"crop {crop} is too small (at least 32 pixels)")
-        self.backbone = backbone
-        self.layers = list(layers) if layers else backbones.default_layers(backbone)
-        self.seed = int(seed)
+        self.backbone = cfg.backbone
+        self.layers = list(cfg.layers)
+        self.seed = int(cfg.seed)
         self.device = resolve_device(device)
-        default_mean, default_std = backbones.normalization(backbone)
-        self.preprocess = Preprocess(resize, crop, tuple(mean or default_mean), tuple(std or default_std))
-        module, self.weights_id = backbones.build(backbone, self.layers, weights, self.seed)
+        self.preprocess = Preprocess(resize, crop, tuple(cfg.normalize_mean), tuple(cfg.normalize_std))
+        module, self.weights_id = backbones.build(self.backbone, self.layers, cfg.weights, self.seed)
         self.weights_digest = backbones.state_digest(module)
         self._module = module.to(self.device)
         if self.device.type == "cpu":
@@ -186,9 +199,11 @@ class Extractor:
         self.grid = tuple(int(s) for s in probe[self.layers[0]].shape[-2:])
         self._nearest = [self._nearest_index(tuple(probe[layer].shape[-2:])) for layer in self.layers]
         total = sum(self.layer_channels)
+        channels = cfg.channels
         if channels is None:
-            if dims is None and backbone in backbones.DEFAULT_DIMS:
-                dims = min(backbones.DEFAULT_DIMS[backbone], total)
+            dims = cfg.dims
+            if dims is None and self.backbone in backbones.DEFAULT_DIMS:
+                dims = min(backbones.DEFAULT_DIMS[self.backbone], total)
             channels = draw_channels(total, dims, self.seed)
         elif any(not 0 <= c < total for c in channels):
             raise PadimError(f"stored channel indices are out of range (0 to {total - 1})")
@@ -287,50 +302,28 @@ class Extractor:
                 offset += c
             return patches
 
-    def config(self) -> dict[str, Any]:
-        """Everything needed to rebuild this extractor (JSON-serialisable)."""
-        return {
-            "backbone": self.backbone,
-            "layers": self.layers,
-            "layer_channels": self.layer_channels,
-            "channels": self.channels,
-            "dims": self.dims,
-            "seed": self.seed,
-            "weights": self.weights_id,
-            "weights_digest": self.weights_digest,
-            "resize": self.preprocess.resize,
-            "crop": self.preprocess.crop,
-            "normalize_mean": list(self.preprocess.mean),
-            "normalize_std": list(self.preprocess.std),
-            "grid": list(self.grid),
-        }
+    def config(self) -> ModelConfig:
+        """The record of this extractor: what the store keeps, and all it takes to rebuild it."""
+        return ModelConfig(backbone=self.backbone, layers=tuple(self.layers), dims=self.dims, seed=self.seed,
+                           weights=self.weights_id, resize=self.preprocess.resize, crop=self.preprocess.crop,
+                           normalize_mean=tuple(self.preprocess.mean), normalize_std=tuple(self.preprocess.std),
+                           layer_channels=tuple(self.layer_channels), channels=tuple(self.channels),
+                           grid=tuple(self.grid), weights_digest=self.weights_digest)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], *, device: str = "auto",
+    def from_config(cls, cfg: ModelConfig | dict[str, Any], *, device: str = "auto",
                     weights: str | None = None) -> "Extractor":
-        """Rebuild the extractor a model was fitted with and check its weights.
+        """Rebuild the extractor a model was fitted with (its record ``cfg``) and check its weights.
 
-        ``weights`` overrides where the weights come from (e.g. the local path
-        of the file whose hash is stored); by default the stored identity is
-        used: ``random:seed=S`` re-draws them, ``torchvision:<enum>`` loads
-        that enum, ``file:<sha>`` needs ``weights``.
+        ``weights``: where to load them from, e.g. the local path of the file whose
+        hash is stored; by default what the record's identity names
+        (:func:`padim_ooc.config.weights_source`). The rebuilt backbone's digest
+        must be the stored one.
         """
-        wid = cfg["weights"]
-        if weights is None:
-            if wid.startswith("random:"):
-                weights = "none"
-            elif wid.startswith("torchvision:"):
-                weights = wid
-            elif cfg["backbone"] == backbones.LITE0:
-                weights = "default"
-            else:
-                raise PadimError(f"this model was fitted with a local weights file ({wid}); "
-                                 "pass the same file with --weights PATH")
-        ex = cls(cfg["backbone"], layers=cfg["layers"], seed=cfg["seed"], weights=weights,
-                 resize=cfg["resize"], crop=cfg["crop"], device=device, channels=cfg["channels"],
-                 mean=tuple(cfg["normalize_mean"]), std=tuple(cfg["normalize_std"]))
-        if ex.weights_digest != cfg["weights_digest"]:
+        cfg = ModelConfig.of(cfg)
+        ex = cls(config=dataclasses.replace(cfg, weights=weights_source(cfg, weights)), device=device)
+        if ex.weights_digest != cfg.weights_digest:
             raise PadimError(f"the backbone weights differ from those the model was fitted with "
-                             f"(digest {ex.weights_digest} != stored {cfg['weights_digest']}; "
-                             f"stored weights: {wid})")
+                             f"(digest {ex.weights_digest} != stored {cfg.weights_digest}; "
+                             f"stored weights: {cfg.weights})")
         return ex

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from .errors import PadimError
+from .options import DEFAULT_EPS
 from .parallel.tasks import compute
 from .store import ModelStore, check_shareable
 
-DEFAULT_EPS = 0.01
 
 
 def precision_block(m2: np.ndarray, n: int, eps: float) -> np.ndarray:

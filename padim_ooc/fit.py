@@ -1,6 +1,25 @@
-"""The streaming fit: batches of features folded into float64 statistics, checkpointed."""
+"""The fit: one pipeline from image files to a model's statistics.
+
+:func:`run_fit` is what ``padim-ooc fit`` and :func:`padim_ooc.fit` do:
+
+1. the preamble (:meth:`FitTarget.open`), once: the model path is locked (one
+   writer), an existing store is opened and the asked configuration and weights
+   are checked against it before any backbone is built, or the extractor is built
+   and a new store created;
+2. the fold: :func:`fold_images` in this process, or on a Dask cluster one
+   :func:`fold_images` per shard (:mod:`padim_ooc.parallel.fit_shards`), whose
+   partial stores are then merged;
+3. finalize, if asked, on the same store (still locked) and the same cluster.
+
+:func:`fold_images` is the one loop: batches of features folded into float64
+statistics (:class:`padim_ooc.welford.Folder`), one pass over the images per
+block of positions of the memory plan (one block: one pass), checkpointed as it
+goes; which images are folded in is decided by :class:`RunLedger`, the same rule
+for a one-process fit and for every shard of a sharded one.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -8,18 +27,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from .config import CHOSEN_FIELDS, ModelConfig
 from .data import ImageFiles, display_path, list_images, loader
 from .errors import PadimError
 from .extractor import Extractor
-from .store.lock import default_command, store_lock
 from .memory import MemoryPlan, default_budget, plan_memory, tune_allocator
+from .options import FitOptions, eps_for
 from .progress import bar
-from .store import ModelStore, store_exists
+from .store import ModelStore, lock, store_exists
 from .welford import Folder
 
 log = logging.getLogger("padim_ooc")
@@ -32,14 +52,10 @@ FOLD_MAX_IMAGES = 256
 AUTO_CHECKPOINT_IMAGES = 1000
 CHECKPOINT_SPACING = 50.0
 
-# fields that must match for images to be added to an existing model
-CONFIG_FIELDS = ("backbone", "layers", "channels", "weights_digest", "resize", "crop",
-                 "normalize_mean", "normalize_std", "grid")
-
 
 @dataclass
 class FitSummary:
-    """What one fit call did."""
+    """What one fit call did (counts of images), as the command line prints it."""
 
     model: str
     added: int = 0
@@ -56,68 +72,151 @@ class FitSummary:
                 "n_images": self.n_images, "checkpoints": self.checkpoints, "blocks": self.blocks}
 
 
-def check_compatible(stored: dict, extractor: Extractor, path: str) -> None:
-    """A clear error naming the first field where the extractor differs from the model."""
-    current = extractor.config()
-    for key in CONFIG_FIELDS:
-        if stored[key] != current[key]:
-            raise PadimError(f"the model {path} was fitted with a different configuration: "
-                             f"{key} is {_short(stored[key])} in the model, {_short(current[key])} now")
+# ---- the preamble --------------------------------------------------------------------------
+@dataclass
+class FitTarget:
+    """The model a fit writes: its store (opened writable: the writer's lock is held), its
+    fitted configuration, and whether this fit created it.
 
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def fit_store(sources: Sequence[str | os.PathLike], model: str | os.PathLike, *,
-              extractor: Extractor | None = None, batch_size: int = 32,
-              checkpoint_every: int | None = None, loader_workers: int | None = None,
-              on_error: str = "skip", progress: bool = True, device: str = "auto",
-              weights: str | None = None, max_memory: int | None = None) -> FitSummary:
-    """Fold the images of ``sources`` into the statistics of the store at ``model``.
-
-    A new store is created with ``extractor``'s configuration; an existing one
-    gets only the images its ledger has not seen (incremental fit), and must
-    match ``extractor`` if one is given (otherwise it is rebuilt from the
-    store). Checkpoints every ``checkpoint_every`` images and at the end;
-    ``None`` (auto): every 1000 images, but spaced so that writing the
-    checkpoints takes at most 1/50 of the time (a WR50-Rd550 state is 7.6 GB).
-    Does not finalize (see :func:`padim_ooc.finalize.finalize`).
-    ``max_memory`` (bytes; default: available memory, with a margin) is the
-    budget of :func:`plan_memory`: if the float64 accumulator does not fit,
-    the positions are split into blocks, one pass over the images each.
+    ``extractor`` is built on first use (:meth:`get_extractor`): a sharded fit of an
+    existing model needs none in this process.
     """
-    check_options(batch_size, checkpoint_every, on_error)
-    tune_allocator()  # no page faults per batch, flat peak memory (see memory.tune_allocator)
-    paths = list_images(sources)
-    model = os.fspath(model)
-    with store_lock(model, default_command()):  # one writer at a time (a clear error names the other)
-        created = not store_exists(model)
-        if not created:
-            store = ModelStore.open(model, writable=True)
-            if extractor is None:
-                extractor = Extractor.from_config(store.config, device=device, weights=weights)
-            else:
-                check_compatible(store.attrs, extractor, model)
-        else:
-            extractor = extractor or Extractor(device=device)
-            store = ModelStore.create(model, extractor.config())
-        summary = FitSummary(model=model)
+
+    path: str
+    store: ModelStore
+    created: bool
+    weights: str | None = None
+    device: str = "auto"
+    extractor: Extractor | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.store.config
+
+    def get_extractor(self) -> Extractor:
+        if self.extractor is None:
+            self.extractor = Extractor.from_config(self.config, device=self.device, weights=self.weights)
+        return self.extractor
+
+    @classmethod
+    @contextmanager
+    def open(cls, model: str | os.PathLike, options: FitOptions, *, config: ModelConfig | None = None,
+             extractor: Extractor | None = None) -> Iterator["FitTarget"]:
+        """Lock ``model``, then open it (checking ``config``'s given fields and ``extractor``'s
+        features against the stored record) or create it (with ``extractor``, else one built
+        from ``config``); close and unlock it at the end of the block.
+
+        ``config`` holds what was asked (None fields: not asked); its ``weights``, if
+        given, are also where the backbone is loaded from. Nothing is built before
+        the checks: a refused run downloads no weights and starts no cluster.
+        """
+        path = os.fspath(model)
+        weights = config.weights if config is not None else None
+        lock.acquire(path, lock.default_command())  # one writer; a refused one stops here
         try:
-            _accumulate(store, extractor, paths, summary, batch_size=batch_size,
-                        checkpoint_every=checkpoint_every, loader_workers=loader_workers,
-                        on_error=on_error, progress=progress, max_memory=max_memory)
+            if store_exists(path):
+                store = ModelStore.open(path, writable=True)
+                try:
+                    if config is not None:
+                        store.config.check_extends(config, path, keys=CHOSEN_FIELDS)
+                    if extractor is not None:
+                        store.config.check_extends(extractor.config(), path)
+                except BaseException:
+                    store.close()
+                    raise
+                target = cls(path, store, created=False, weights=weights, device=options.device,
+                             extractor=extractor)
+            else:
+                extractor = extractor or Extractor(config=config or ModelConfig(), device=options.device)
+                target = cls(path, ModelStore.create(path, extractor.config()), created=True,
+                             weights=weights, device=options.device, extractor=extractor)
+        finally:
+            lock.release(path)  # the store holds the lock now (or nobody, after an error)
+        try:
+            yield target
         except BaseException:
-            if created:  # a first fit that failed before its first checkpoint leaves no model behind
-                store.remove_if_empty()
-            store.close()
+            if target.created:  # a first fit that failed before its first checkpoint leaves no model behind
+                target.store.remove_if_empty()
             raise
-        summary.n_images = store.n_images
-        store.close()
+        finally:
+            target.store.close()
+
+
+def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, options: FitOptions, *,
+            config: ModelConfig | None = None, extractor: Extractor | None = None) -> tuple[FitSummary, bool]:
+    """Fit (or extend) the model at ``model`` on the images of ``sources``, then finalize it
+    if ``options.finalize``, under one lock (no other writer in between).
+
+    Parameters
+    ----------
+    sources : sequence of paths
+        Folders (recursive), image files, or text files listing paths.
+    model : path or URL
+        The Zarr store; created if missing, extended with unseen images if it exists.
+    options : FitOptions
+        How the fit runs (checked already).
+    config : ModelConfig, optional
+        What was asked: the configuration of a new model (defaults for what is not
+        given), checked field by field against an existing one.
+    extractor : Extractor, optional
+        A built extractor: the configuration of a new model, or one that must match
+        the existing model's features.
+
+    Returns
+    -------
+    (FitSummary, bool)
+        What the fit did, and whether the store is finalized at the end (its real state).
+    """
+    tune_allocator()  # no page faults per batch, flat peak memory (see docs/design.md)
+    paths = list_images(sources)
+    with FitTarget.open(model, options, config=config, extractor=extractor) as target:
+        store = target.store
+        if options.max_memory:  # fails early if the budget cannot hold one batch
+            memory_plan(target.config, options.batch_size, options.max_memory)
+        with options.cluster.open(store.path) as client:
+            if client is None:
+                summary = fit_here(target, paths, options)
+            else:
+                from .parallel.fit_shards import fit_sharded
+
+                summary = fit_sharded(target, paths, client, options)
+            if store.n_images == 0:
+                raise PadimError("no image could be read: the model has no statistics")
+            summary.model = os.fspath(model)
+            summary.n_images = store.n_images
+            return summary, finish(store, options, client)
+
+
+def finish(store: ModelStore, options: FitOptions, client=None) -> bool:
+    """Finalize ``store`` after a fit if asked (``options.finalize``) and needed (not finalized,
+    or finalized with another eps); returns whether it is finalized."""
+    from .finalize import finalize
+
+    wanted = eps_for(store.attrs, options.eps)
+    if options.finalize and (not store.attrs["finalized"] or wanted != store.attrs["eps"]):
+        n = store.n_images
+        if n < 2:
+            raise PadimError(f"the statistics of {n} image{'s' * (n != 1)} are saved in {store.path}, but "
+                             "finalize needs at least 2 images: fit more images into it (that fit finalizes it)")
+        finalize(store, eps=wanted, client=client)
+    return bool(store.attrs["finalized"])
+
+
+def fit_here(target: FitTarget, paths: list[Path], options: FitOptions) -> FitSummary:
+    """The fold of a one-process fit: the memory plan for this process, said once, then
+    :func:`fold_images` over every image."""
+    extractor = target.get_extractor()
+    budget = options.max_memory or default_budget(extractor.device)
+    plan = memory_plan(target.config, options.batch_size, budget)
+    log.info(plan.describe())
+    if options.progress:
+        print(plan.describe(), file=sys.stderr, flush=True)
+    summary = FitSummary(model=target.path)
+    fold_images(target.store, extractor, paths, options, plan, summary)
     return summary
 
 
+# ---- the loop -------------------------------------------------------------------------------
 class CheckpointClock:
     """When to checkpoint: every ``every`` images, or (``every=None``) every
     AUTO_CHECKPOINT_IMAGES images once at least CHECKPOINT_SPACING times the
@@ -147,63 +246,162 @@ def fold_samples(positions: int, dims: int, batch_size: int) -> int:
     return min(FOLD_MAX_IMAGES, max(batch_size, FOLD_BYTES // (positions * dims * 4)))
 
 
-def check_options(batch_size: int, checkpoint_every: int | None, on_error: str) -> None:
-    """One-line errors for fit options out of range."""
-    if batch_size < 1:
-        raise PadimError(f"batch size must be at least 1, got {batch_size}")
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise PadimError(f"checkpoint interval must be at least 1 image, got {checkpoint_every}")
-    if on_error not in ("skip", "fail"):
-        raise PadimError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+def memory_plan(config: ModelConfig | dict, batch_size: int, budget: int) -> MemoryPlan:
+    """The plan a fit of ``config``'s model (``grid``, ``dims`` and ``crop`` are used)
+    makes for a memory ``budget`` in bytes."""
+    config = ModelConfig.of(config)
+    positions, dims = config.grid[0] * config.grid[1], config.dims
+    return plan_memory(positions, dims, batch_size=batch_size, crop=config.crop, budget=budget,
+                       fold_samples=fold_samples(positions, dims, batch_size))
 
 
-def _accumulate(store: ModelStore, extractor: Extractor, paths: list[Path], summary: FitSummary, *,
-                batch_size: int, checkpoint_every: int | None, loader_workers: int | None,
-                on_error: str, progress: bool, max_memory: int | None = None) -> None:
-    plan = memory_plan(store.attrs, batch_size, max_memory, device=extractor.device)
-    _say(plan.describe(), progress)
+class RunLedger:
+    """Which images of a run are folded in: the one rule of every fit, one-process or sharded.
+
+    An image is folded in once: not if the statistics hold it already (``known``: the
+    model's ledger, counted ``already_seen``; ``own``: what a resumed partial store
+    holds, counted nowhere again), not if an earlier shard keeps it (``claimed``,
+    counted as a duplicate), not if the same content came earlier in this run (a
+    duplicate). Unreadable images are skipped with a warning (or stop the run with
+    ``on_error='fail'``). Those images are hashed but not decoded (``skip``).
+    """
+
+    def __init__(self, own: set[bytes], known: set[bytes] | None, claimed: frozenset, summary: FitSummary,
+                 on_error: str):
+        self.known = own if known is None else known
+        self.claimed = claimed
+        self.seen = set(own) | set(self.known) | set(claimed)
+        self.skip = frozenset(self.seen)
+        self.summary, self.on_error = summary, on_error
+
+    def first_pass(self, paths, indices, digests, ok, errors, kept: dict) -> list[int]:
+        """Rows of the batch to fold in; records the new images in ``kept`` (index -> digest)."""
+        rows, row = [], 0
+        for i, key, good, err in zip(indices, digests, ok, errors):
+            if err is not None:
+                self._bad_image(paths[i], err)
+            elif not good:  # not decoded: held already, or an earlier shard keeps it
+                if key in self.known:
+                    self.summary.already_seen += 1
+                elif key in self.claimed:
+                    self.summary.duplicates += 1
+            elif key in self.seen:
+                self.summary.duplicates += 1
+                row += 1
+            else:
+                self.seen.add(key)
+                kept[i] = key
+                rows.append(row)
+                row += 1
+        return rows
+
+    @staticmethod
+    def later_pass(paths, indices, digests, ok, kept: dict) -> list[int]:
+        """Rows of the images the first pass kept; an error if one of them changed since."""
+        rows, row = [], 0
+        for i, key, good in zip(indices, digests, ok):
+            if i in kept:
+                if not good or key != kept[i]:
+                    raise PadimError(f"{display_path(paths[i])} changed or became unreadable during the fit; "
+                                     "run the fit again (the model keeps its last checkpoint)")
+                rows.append(row)
+            if good:
+                row += 1
+        return rows
+
+    def _bad_image(self, path: Path, err: str) -> None:
+        name = display_path(path)
+        if self.on_error == "fail":
+            raise PadimError(f"bad image {name}: {err}")
+        log.warning("skipped %s: %s", name, err)
+        self.summary.skipped.append((name, err))
+
+
+def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], options: FitOptions,
+                plan: MemoryPlan, summary: FitSummary, *, known: set[bytes] | None = None,
+                claimed: frozenset = frozenset()) -> None:
+    """Fold the images of ``paths`` that the statistics do not hold into ``store``, checkpointing.
+
+    One pass over the images per position block of ``plan``. With one block the
+    whole state is in memory and a checkpoint is written every
+    ``options.checkpoint_every`` images (:class:`CheckpointClock`). With several,
+    the images go in segments of about that many (whole batches, so batches are
+    composed as in one pass and the features are the same): every block loads its
+    slice of the live state, folds the segment in and writes the slice into the
+    next state; the switch to that state (with the segment's ledger) is the
+    checkpoint. Counts go to ``summary``; ``known`` and ``claimed`` as in
+    :class:`RunLedger` (default: the store's own ledger is what is known).
+    Raises nothing for a run where no image could be read (the caller decides).
+    """
+    batch, device = options.batch_size, extractor.device
+    ranges = plan.ranges()
+    single = len(ranges) == 1
     summary.blocks = plan.blocks
-    if plan.blocks > 1:
-        return _accumulate_blocked(store, extractor, paths, summary, plan, batch_size=batch_size,
-                                   checkpoint_every=checkpoint_every, loader_workers=loader_workers,
-                                   on_error=on_error, progress=progress)
-    device = extractor.device
-    acc = store.load_moments(device=device)
-    seen = store.ledger()
-    dataset = ImageFiles(paths, extractor.preprocess, skip=frozenset(seen))
-    folder = Folder(acc, max_samples=fold_samples(extractor.positions, extractor.dims, batch_size))
-    pending: list[bytes] = []
-    due = CheckpointClock(checkpoint_every)
-    with bar(f"fit {Path(store.path).name}", len(paths), enabled=progress) as advance_bar:
-        batches = loader(dataset, batch_size, workers=loader_workers, device=device.type)
-        for indices, digests, batch, ok, errors in batches:
-            kept: dict[int, bytes] = {}
-            rows = _first_pass_rows(paths, indices, digests, ok, errors, seen, kept, on_error, summary)
-            if rows:
-                if len(rows) < batch.shape[0]:
-                    batch = batch[rows]
-                # (P, b, d), written straight into the fold buffer; kept only if finite
-                x = extractor.embed_patches(batch, out=folder.reserve(len(rows)))
-                check_finite(x, [paths[i] for i in kept])
-                folder.commit(len(rows))
-                pending.extend(kept.values())
-                summary.added += len(rows)
-            if due(len(pending)):
+    ledger = RunLedger(store.ledger(), known, claimed, summary, options.on_error)
+    segment = max(1, len(paths)) if single else \
+        -(-max(options.checkpoint_every or AUTO_CHECKPOINT_IMAGES, batch) // batch) * batch
+    fold = fold_samples(extractor.positions, extractor.dims, batch)
+    due = CheckpointClock(options.checkpoint_every)
+    acc = store.load_moments(device=device) if single else None
+    title = f"fit {Path(store.path).name}" + ("" if single else f" ({len(ranges)} passes)")
+    with bar(title, len(paths) * len(ranges), enabled=options.progress) as advance:
+        for first in range(0, len(paths), segment):
+            part = paths[first:first + segment]
+            dataset = ImageFiles(part, extractor.preprocess, skip=ledger.skip)
+            kept: dict[int, bytes] = {}  # index into paths -> digest, decided in the first pass
+            pending: list[bytes] = []  # one block: digests folded in since the last checkpoint
+            n0, target = store.n_images, None
+            for b, (start, stop) in enumerate(ranges):
+                if b and not kept:
+                    advance(len(part) * (len(ranges) - b))
+                    break
+                if not single:
+                    acc = store.load_moments(device=device, start=start, stop=stop)
+                folder = Folder(acc, max_samples=fold)
+                for indices, digests, images, ok, errors in loader(dataset, batch, workers=options.loader_workers,
+                                                                    device=device.type):
+                    indices = [first + i for i in indices]
+                    if b == 0:
+                        new: dict[int, bytes] = {}
+                        rows = ledger.first_pass(paths, indices, digests, ok, errors, new)
+                        kept.update(new)
+                    else:
+                        rows = ledger.later_pass(paths, indices, digests, ok, kept)
+                    if rows:
+                        if len(rows) < images.shape[0]:
+                            images = images[rows]
+                        # (P, b, d): one block, straight into the fold buffer; kept only if finite
+                        x = extractor.embed_patches(images, out=folder.reserve(len(rows)) if single else None)
+                        if b == 0:
+                            check_finite_features(x, [paths[i] for i in new])
+                        if single:
+                            folder.commit(len(rows))
+                            pending.extend(new.values())
+                        else:
+                            folder.add(x[start:stop])
+                    if single and due(len(pending)):
+                        folder.flush()
+                        with due.timing():
+                            store.checkpoint(acc, pending)
+                        summary.checkpoints += 1
+                        pending = []
+                    advance(len(indices))
                 folder.flush()
-                with due.timing():
-                    store.checkpoint(acc, pending)
+                if not single and kept:
+                    if target is None:
+                        target = store.begin_state()[0]
+                    store.write_block(target, start, acc)
+            summary.added += len(kept)
+            if single and (pending or store.attrs["state"] is None and acc.n):
+                store.checkpoint(acc, pending)
                 summary.checkpoints += 1
-                pending = []
-            advance_bar(len(indices))
-    folder.flush()
-    if pending or store.attrs["state"] is None and acc.n:
-        store.checkpoint(acc, pending)
-        summary.checkpoints += 1
-    if store.n_images == 0:
-        raise PadimError("no image could be read: the model has no statistics")
+            elif not single and kept:
+                digests = np.frombuffer(b"".join(kept.values()), dtype=np.uint8).reshape(-1, 16)
+                store.commit_state(target, n0 + len(kept), digests)
+                summary.checkpoints += 1
 
 
-def check_finite(patches: torch.Tensor, paths: Sequence[Path]) -> None:
+def check_finite_features(patches: torch.Tensor, paths: Sequence[Path]) -> None:
     """Refuse a batch whose features hold NaN or infinity (they would poison every statistic).
 
     Parameters
@@ -224,158 +422,12 @@ def check_finite(patches: torch.Tensor, paths: Sequence[Path]) -> None:
                      "keeps its last checkpoint")
 
 
-def _bad_image(path: Path, err: str, on_error: str, summary: FitSummary) -> None:
-    name = display_path(path)
-    if on_error == "fail":
-        raise PadimError(f"bad image {name}: {err}")
-    log.warning("skipped %s: %s", name, err)
-    summary.skipped.append((name, err))
+def shard_options(options: FitOptions) -> FitOptions:
+    """The options a shard task runs with: no progress bar, decoding in the task, no cluster."""
+    from .options import Cluster
+
+    return dataclasses.replace(options, progress=False, loader_workers=0, cluster=Cluster())
 
 
-def memory_plan(config: dict, batch_size: int, budget: int | None = None, device=None) -> MemoryPlan:
-    """The plan a fit makes for ``budget`` bytes.
-
-    ``config``: a model's attributes or ``Extractor.config()`` (``grid``,
-    ``dims`` and ``crop`` are used). ``budget`` None: available memory with a
-    margin (see :func:`padim_ooc.memory.default_budget`).
-    """
-    positions, dims = config["grid"][0] * config["grid"][1], config["dims"]
-    return plan_memory(positions, dims, batch_size=batch_size, crop=config["crop"],
-                       budget=budget or default_budget(device),
-                       fold_samples=fold_samples(positions, dims, batch_size))
-
-
-def _say(line: str, progress: bool) -> None:
-    log.info(line)
-    if progress:
-        print(line, file=sys.stderr, flush=True)
-
-
-def _accumulate_blocked(store: ModelStore, extractor: Extractor, paths: list[Path], summary: FitSummary,
-                        plan: MemoryPlan, *, batch_size: int, checkpoint_every: int | None,
-                        loader_workers: int | None, on_error: str, progress: bool) -> None:
-    """The fit with positions split into blocks: one pass over the images per block.
-
-    The images go in segments of about ``checkpoint_every`` (whole batches, so
-    batches are composed as in the one-pass fit and the features are the
-    same). For each segment, every block loads its slice of the live state,
-    folds the segment in and writes the slice into the next state; the switch
-    to that state (with the segment's ledger) is the checkpoint.
-    """
-    device = extractor.device
-    seen = store.ledger()
-    before = frozenset(seen)  # skipped without decoding; repeats within the run count as duplicates
-    segment = -(-max(checkpoint_every or AUTO_CHECKPOINT_IMAGES, batch_size) // batch_size) * batch_size
-    ranges = plan.ranges()
-    fold = fold_samples(extractor.positions, extractor.dims, batch_size)
-    title = f"fit {Path(store.path).name} ({len(ranges)} passes)"
-    with bar(title, len(paths) * len(ranges), enabled=progress) as advance_bar:
-        for first in range(0, len(paths), segment):
-            part = paths[first:first + segment]
-            dataset = ImageFiles(part, extractor.preprocess, skip=before)
-            kept: dict[int, bytes] = {}  # index into paths -> digest, decided in the first pass
-            n0, target = store.n_images, None
-            for b, (start, stop) in enumerate(ranges):
-                if b and not kept:
-                    advance_bar(len(part) * (len(ranges) - b))
-                    break
-                acc = store.load_moments(device=device, start=start, stop=stop)
-                folder = Folder(acc, max_samples=fold)
-                for indices, digests, batch, ok, errors in loader(dataset, batch_size, workers=loader_workers,
-                                                                   device=device.type):
-                    indices = [first + i for i in indices]
-                    if b == 0:
-                        rows = _first_pass_rows(paths, indices, digests, ok, errors, seen, kept,
-                                                on_error, summary)
-                    else:
-                        rows = _later_pass_rows(paths, indices, digests, ok, kept)
-                    if rows:
-                        if len(rows) < batch.shape[0]:
-                            batch = batch[rows]
-                        x = extractor.embed_patches(batch)  # (P, b, d)
-                        if b == 0:
-                            check_finite(x, [paths[i] for i in indices if i in kept])
-                        folder.add(x[start:stop])
-                    advance_bar(len(indices))
-                folder.flush()
-                if not kept:
-                    continue
-                if target is None:
-                    target = store.begin_state()[0]
-                store.write_block(target, start, acc)
-            if kept:
-                digests = np.frombuffer(b"".join(kept.values()), dtype=np.uint8).reshape(-1, 16)
-                store.commit_state(target, n0 + len(kept), digests)
-                summary.added += len(kept)
-                summary.checkpoints += 1
-    if store.n_images == 0:
-        raise PadimError("no image could be read: the model has no statistics")
-
-
-def _first_pass_rows(paths, indices, digests, ok, errors, seen, kept, on_error, summary) -> list[int]:
-    """Rows of the batch to fold in; records the new images in ``kept`` (index -> digest).
-
-    Unreadable images are skipped (or fail), already-accumulated ones were not
-    decoded, and a repeat of an image seen earlier in the run is decoded but
-    not folded in (counted as a duplicate).
-    """
-    rows, row = [], 0
-    for i, key, good, err in zip(indices, digests, ok, errors):
-        if err is not None:
-            _bad_image(paths[i], err, on_error, summary)
-        elif not good:
-            summary.already_seen += 1
-        elif key in seen:
-            summary.duplicates += 1
-            row += 1
-        else:
-            seen.add(key)
-            kept[i] = key
-            rows.append(row)
-            row += 1
-    return rows
-
-
-def _later_pass_rows(paths, indices, digests, ok, kept) -> list[int]:
-    """Rows of the images the first pass kept; an error if one of them changed since."""
-    rows, row = [], 0
-    for i, key, good in zip(indices, digests, ok):
-        if i in kept:
-            if not good or key != kept[i]:
-                raise PadimError(f"{display_path(paths[i])} changed or became unreadable during the fit; run the fit again "
-                                 "(the model keeps its last checkpoint)")
-            rows.append(row)
-        if good:
-            row += 1
-    return rows
-
-
-def fit_part(paths: Sequence[str | os.PathLike], part: str, config: dict, *, device: str = "auto",
-             weights: str | None = None, batch_size: int = 32, checkpoint_every: int | None = None,
-             on_error: str = "skip", max_memory: int | None = None) -> FitSummary:
-    """Fit the partial store ``part`` on one shard of images (a task of the sharded fit).
-
-    The extractor is rebuilt from ``config`` (weights checked by digest). An
-    existing ``part`` is resumed, so a shard restarted after its worker was
-    lost neither loses nor double-counts an image. A shard whose images are all
-    unreadable gives an empty part instead of an error (``on_error='skip'``).
-    """
-    extractor = Extractor.from_config(config, device=device, weights=weights)
-    if store_exists(part):
-        store = ModelStore.open(part, writable=True)
-    else:
-        store = ModelStore.create(part, extractor.config())
-    summary = FitSummary(model=part)
-    paths = [Path(os.fsdecode(p)) for p in paths]
-    try:
-        _accumulate(store, extractor, paths, summary, batch_size=batch_size,
-                    checkpoint_every=checkpoint_every, loader_workers=0, on_error=on_error,
-                    progress=False, max_memory=max_memory)
-    except PadimError:
-        accounted = len(summary.skipped) + summary.already_seen + summary.duplicates
-        if summary.added or store.n_images or accounted < len(paths):  # not "every image was unreadable"
-            raise
-    finally:
-        store.close()
-    summary.n_images = store.n_images
-    return summary
+__all__ = ["run_fit", "fold_images", "FitTarget", "FitSummary", "RunLedger", "memory_plan", "finish",
+           "CheckpointClock", "shard_options"]

@@ -30,19 +30,15 @@ MMAP_THRESHOLD = 256 << 20
 def tune_allocator() -> bool:
     """Fix glibc's allocator thresholds for a long run of equal batches (glibc only; else a no-op).
 
-    By default glibc maps every block over its mmap threshold (dynamic, at
-    most 32 MB) afresh and unmaps it when freed: each batch's larger
-    activations (a batch of 32 at 224 px: up to 103 MB) then cost page faults
-    (the kernel zeroes every page): resnet18's backbone ran at 17.0 ms an
-    image on 2 CPU cores, 13.3 with these settings (22.4 with a 1 MB
-    threshold); and blocks under the threshold fragment the heap, so the
-    peak memory crept up with the number of images. With both thresholds
-    fixed at 256 MB, the activations are reused from the heap batch after
-    batch (no faults, and a steady footprint: the same sizes every batch),
-    the large buffers allocated once (the accumulator, the fold buffer) are
-    mapped, and freed heap beyond 256 MB goes back to the system. Measured
-    with scripts/bench_memory.py and scripts/bench_throughput.py (see
-    docs/benchmarks.md). Returns whether the setting was applied.
+    Both the mmap and the trim threshold are set to :data:`MMAP_THRESHOLD`: each
+    batch's activations are then reused from the heap batch after batch (no page
+    faults, the same footprint every batch), the large buffers allocated once (the
+    accumulator, the fold buffer) are mapped, and freed heap beyond the threshold
+    goes back to the system. With glibc's dynamic default every activation block
+    over 32 MB is mapped afresh (page faults) and smaller blocks fragment the heap
+    (peak memory creeps up with the number of images). The measurements behind the
+    choice: docs/design.md ("Allocator thresholds") and docs/benchmarks.md.
+    Returns whether the setting was applied.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

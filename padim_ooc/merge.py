@@ -23,15 +23,11 @@ import numpy as np
 import torch
 import zarr
 
+from .config import short
 from .errors import PadimError
 from .parallel.tasks import compute
 from .store import ModelStore, check_shareable, read_array, shared_path, store_exists
 from .welford import Moments, merge_
-
-# configuration fields that must agree for two stores to be merged (the features must be the same)
-MATCH_FIELDS = ("backbone", "layers", "layer_channels", "channels", "dims", "weights_digest",
-                "resize", "crop", "normalize_mean", "normalize_std", "grid")
-
 
 @dataclass(frozen=True)
 class Source:
@@ -43,20 +39,17 @@ class Source:
     m2: zarr.Array
 
 
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def check_same_config(stores: Sequence[ModelStore]) -> None:
-    """A clear error naming the first field where a store differs from the first one."""
+    """A clear error naming the first field where a store's features differ from the first one's
+    (:meth:`padim_ooc.config.ModelConfig.diff`)."""
     ref = stores[0]
     for other in stores[1:]:
-        for key in MATCH_FIELDS:
-            if other.attrs.get(key) != ref.attrs.get(key):
-                raise PadimError(f"cannot merge {other.path} with {ref.path}: their {key} differs "
-                                 f"({_short(other.attrs.get(key))} vs {_short(ref.attrs.get(key))}); "
-                                 "only stores fitted with the same configuration can be merged")
+        differ = ref.config.diff(other.config)
+        if differ:
+            key = differ[0]
+            raise PadimError(f"cannot merge {other.path} with {ref.path}: their {key} differs "
+                             f"({short(getattr(other.config, key))} vs {short(getattr(ref.config, key))}); "
+                             "only stores fitted with the same configuration can be merged")
 
 
 def check_disjoint(stores: Sequence[ModelStore]) -> list[np.ndarray]:
@@ -214,4 +207,4 @@ def merge_stores(parts: Sequence[str | os.PathLike], model: str | os.PathLike | 
             s.close()
 
 
-__all__ = ["merge_stores", "tree_merge", "merge_chunk", "check_same_config", "check_disjoint", "MATCH_FIELDS"]
+__all__ = ["merge_stores", "tree_merge", "merge_chunk", "check_same_config", "check_disjoint"]

@@ -31,6 +31,24 @@ def runs(indices: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(a), int(indices[a]), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+class ArraySink:
+    """Collects (index, score, map) batches into arrays in input order (what the API returns).
+
+    ``scores`` (N,) float64, NaN where an image could not be read; ``maps``
+    (N, crop, crop) float16 with ``maps=True``, else None.
+    """
+
+    def __init__(self, count: int, crop: int, *, maps: bool = False):
+        self.scores = np.full(count, np.nan)
+        self.maps = np.zeros((count, crop, crop), np.float16) if maps else None
+
+    def add(self, indices: Sequence[int], scores: np.ndarray, maps: np.ndarray | None) -> None:
+        idx = np.asarray(indices, dtype=np.int64)
+        self.scores[idx] = scores
+        if self.maps is not None and maps is not None:
+            self.maps[idx] = maps
+
+
 class ScoreWriter:
     """Collects (index, score, map) batches and writes them in input order.
 

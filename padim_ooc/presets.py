@@ -1,26 +1,27 @@
 """Named configurations matching the PaDiM paper, and the numbers it published for them.
 
-A preset fills the extractor options (backbone, channels, preprocessing,
-weights); options given explicitly override it. The published figures are
+A preset is a :class:`~padim_ooc.config.ModelConfig` (backbone, channels,
+preprocessing, weights); fields given explicitly override it. The published figures are
 the MVTec AD means (15 classes) from /work/shared/PAPER.md, in percent;
 ``None`` where the paper gives no number for that configuration.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from .config import DEFAULT_BACKBONE, DEFAULT_CROP, DEFAULT_RESIZE, DEFAULT_WEIGHTS, ModelConfig
 from .errors import PadimError
 
 # The paper used torchvision's original ImageNet weights (V1); torchvision's default for
 # wide_resnet50_2 is now IMAGENET1K_V2, so the presets name V1 explicitly.
-PRESETS: dict[str, dict[str, Any]] = {
-    "r18-rd100": {"backbone": "resnet18", "dims": 100, "resize": 256, "crop": 224,
-                  "weights": "torchvision:ResNet18_Weights.IMAGENET1K_V1"},
-    "wr50-rd550": {"backbone": "wide_resnet50_2", "dims": 550, "resize": 256, "crop": 224,
-                   "weights": "torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1"},
+PRESETS: dict[str, ModelConfig] = {
+    "r18-rd100": ModelConfig(backbone="resnet18", dims=100, resize=256, crop=224,
+                             weights="torchvision:ResNet18_Weights.IMAGENET1K_V1"),
+    "wr50-rd550": ModelConfig(backbone="wide_resnet50_2", dims=550, resize=256, crop=224,
+                              weights="torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1"),
     # EfficientNet-Lite0: all 24 + 40 + 112 = 176 channels of stages 2, 3 and 5.
-    "lite0": {"backbone": "efficientnet_lite0", "dims": None, "resize": 256, "crop": 224,
-              "weights": "default"},
+    "lite0": ModelConfig(backbone="efficientnet_lite0", dims=None, resize=256, crop=224, weights="default"),
 }
 
 PAPER_MVTEC_MEAN: dict[str, dict[str, float | None]] = {
@@ -31,8 +32,8 @@ PAPER_MVTEC_MEAN: dict[str, dict[str, float | None]] = {
 """PaDiM's published MVTec AD means (percent). R18-Rd100's PRO is also transcribed as 90.1."""
 
 
-def preset(name: str) -> dict[str, Any]:
-    """The extractor options of preset ``name`` (a copy).
+def preset(name: str) -> ModelConfig:
+    """The configuration record of preset ``name``.
 
     Raises
     ------
@@ -41,31 +42,28 @@ def preset(name: str) -> dict[str, Any]:
     """
     if name not in PRESETS:
         raise PadimError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+    return PRESETS[name]
 
 
-def resolve(name: str | None, **given: Any) -> dict[str, Any]:
-    """Preset options overridden by the options given (``None`` = not given).
+def resolve(name: str | None, **given: Any) -> ModelConfig:
+    """Preset ``name``'s record overridden by the fields given (``None`` = not given).
 
     Without a preset the defaults are resnet18 (Rd100), resize 256, crop 224
     (or the resize if smaller), pretrained weights. A backbone given without
     weights gets the preset's weights carried over (:func:`weights_for`).
     """
-    base = preset(name) if name else {"backbone": "resnet18", "dims": None, "resize": 256,
-                                      "crop": None, "weights": "default"}
-    out = dict(base)
-    for key, value in given.items():
-        if value is not None:
-            out[key] = value
+    base = preset(name) if name else ModelConfig(backbone=DEFAULT_BACKBONE, resize=DEFAULT_RESIZE,
+                                                 weights=DEFAULT_WEIGHTS)
+    out = base.merged(ModelConfig(**given))
     if given.get("weights") is None:
-        out["weights"] = weights_for(base, out["backbone"])
+        out = dataclasses.replace(out, weights=weights_for(base, out.backbone))
     if given.get("crop") is None:  # the default crop never exceeds a smaller resize given
-        out["crop"] = min(out["crop"] or 224, out["resize"])
+        out = dataclasses.replace(out, crop=min(out.crop or DEFAULT_CROP, out.resize))
     return out
 
 
-def weights_for(options: dict[str, Any], backbone: str) -> str:
-    """The weights a preset's ``options`` give ``backbone``.
+def weights_for(options: ModelConfig, backbone: str) -> str:
+    """The weights a preset's record ``options`` gives ``backbone``.
 
     Its own weights for its own backbone. For another backbone, the same
     torchvision member if that backbone has one (the ResNet presets' original
@@ -73,8 +71,8 @@ def weights_for(options: dict[str, Any], backbone: str) -> str:
     ``Wide_ResNet50_2_Weights.IMAGENET1K_V1``), else ``default``.
     Nothing is downloaded.
     """
-    weights = options["weights"]
-    if backbone == options["backbone"]:
+    weights = options.weights
+    if backbone == options.backbone:
         return weights
     if not weights.startswith("torchvision:"):
         return "default"

@@ -17,9 +17,8 @@ from .data import ImageFiles, display_path, loader, read_image
 from .errors import PadimError
 from .extractor import Extractor
 from .memory import tune_allocator
+from .options import DEFAULT_SIGMA, ScoreOptions
 from .store import ModelStore, read_array
-
-DEFAULT_SIGMA = 4.0
 
 
 def mahalanobis(features: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
@@ -49,7 +48,7 @@ def mahalanobis_patches(patches: torch.Tensor, mean: torch.Tensor, precision: to
     """Mahalanobis distances of patches in (P, B, d) layout; returns (P, B).
 
     On the CPU the positions go in cache-sized blocks (two reused temporaries
-    instead of three full-size ones: 30% faster at resnet18 Rd100).
+    instead of three full-size ones; see docs/design.md).
     """
     p, b, d = patches.shape
     dtype, device = precision.dtype, precision.device
@@ -121,14 +120,19 @@ def _blur_along(images: torch.Tensor, sigma: float, dim: int) -> torch.Tensor:
 class Model:
     """A fitted PaDiM model, opened from its store.
 
-    Use :func:`padim_ooc.open_model` to get one.
+    Use :func:`padim_ooc.open_model` to get one. ``extractor``: one built for this
+    model already (its features must be the stored configuration's), else it is
+    rebuilt from the store on first use, with ``device`` and ``weights``.
     """
 
-    def __init__(self, store: ModelStore, *, device: str = "auto", weights: str | None = None):
+    def __init__(self, store: ModelStore, *, device: str = "auto", weights: str | None = None,
+                 extractor: Extractor | None = None):
+        if extractor is not None:
+            store.config.check_extends(extractor.config(), store.path)
         self.store = store
         self._device = device
         self._weights = weights
-        self._extractor: Extractor | None = None
+        self._extractor = extractor
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -215,29 +219,29 @@ class Model:
         return np.concatenate(scores), np.concatenate(maps)
 
 
-def score_paths(model: Model, paths: Sequence[Path], *, batch_size: int = 32, sigma: float = DEFAULT_SIGMA,
-                loader_workers: int | None = None, on_error: str = "skip", on_batch=None):
-    """Score image files in input order, streaming.
+def score_images(model: Model, paths: Sequence[Path], options: ScoreOptions, on_batch) -> list[tuple[int, str]]:
+    """Score image files in input order, streaming, in this process.
 
     Calls ``on_batch(indices, scores, maps)`` for every batch (indices into
-    ``paths``); returns a list of ``(index, error)`` for images that could not
-    be read (``on_error='fail'`` raises at the first instead).
+    ``paths``; scores (k,) and maps (k, crop, crop) float32 numpy arrays);
+    returns a list of ``(index, error)`` for images that could not be read
+    (``options.on_error='fail'`` raises at the first instead).
     """
-    tune_allocator()  # no page faults per batch (see memory.tune_allocator)
+    tune_allocator()  # no page faults per batch (see docs/design.md)
     ex = model.extractor
     model._statistics()  # fail early if not finalized
     dataset = ImageFiles(paths, ex.preprocess)
     bad: list[tuple[int, str]] = []
-    for indices, _digests, batch, ok, errors in loader(dataset, batch_size, workers=loader_workers,
+    for indices, _digests, batch, ok, errors in loader(dataset, options.batch_size, workers=options.loader_workers,
                                                        device=ex.device.type):
         for i, err in zip(indices, errors):
             if err is not None:
-                if on_error == "fail":
+                if options.on_error == "fail":
                     raise PadimError(f"bad image {display_path(paths[i])}: {err}")
                 bad.append((i, err))
         if batch is None:
             continue
-        scores, maps = model.score_batch(batch, sigma=sigma)
+        scores, maps = model.score_batch(batch, sigma=options.sigma)
         kept = [i for i, good in zip(indices, ok) if good]
         on_batch(kept, scores.float().cpu().numpy(), maps.float().cpu().numpy())
     return bad
@@ -250,10 +254,4 @@ def _open_image(path: Path) -> Image.Image:
     return image
 
 
-def check_finite(values: np.ndarray, what: str) -> None:
-    """A clear error if ``values`` holds NaN or infinity."""
-    if not np.isfinite(values).all():
-        raise PadimError(f"{what} contains non-finite values (NaN or infinity)")
-
-
-__all__ = ["Model", "mahalanobis", "anomaly_maps", "score_paths", "DEFAULT_SIGMA"]
+__all__ = ["Model", "mahalanobis", "anomaly_maps", "score_images", "DEFAULT_SIGMA"]

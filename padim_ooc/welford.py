@@ -211,11 +211,11 @@ class Folder:
     block : int, optional
         Positions per update. Default (:func:`fold_plan`): for batched
         products on the CPU, as many as keep the float64 work rows within
-        about FOLD_BLOCK_BYTES (cache-sized: 2x faster than large blocks at
+        about FOLD_BLOCK_BYTES (cache-sized, see docs/design.md: faster than large blocks at
         d = 100); for syrk and on a GPU, within FOLD_BLOCK_BYTES_LARGE.
     lower_only : bool, optional
         Update one triangle with BLAS syrk and mirror it in :meth:`flush`.
-        Default: on the CPU from SYRK_MIN_DIMS dimensions (1.6x faster at d = 550).
+        Default: on the CPU from SYRK_MIN_DIMS dimensions (see docs/design.md).
     """
 
     def __init__(self, acc: Moments, *, max_samples: int, block: int | None = None,

@@ -36,9 +36,10 @@ from _bench_common import emit, write_images
 from padim_ooc.data import ImageFiles, loader
 from padim_ooc.extractor import Extractor
 from padim_ooc.finalize import finalize
-from padim_ooc.fit import AUTO_CHECKPOINT_IMAGES, CHECKPOINT_SPACING, fit_store
+from padim_ooc.fit import AUTO_CHECKPOINT_IMAGES, CHECKPOINT_SPACING, run_fit
 from padim_ooc.memory import tune_allocator
-from padim_ooc.score import Model, score_paths
+from padim_ooc.options import FitOptions, ScoreOptions
+from padim_ooc.score import Model, score_images
 from padim_ooc.store import ModelStore
 
 PRESETS = {"r18-rd100": ("resnet18", 100), "wr50-rd550": ("wide_resnet50_2", 550)}
@@ -61,7 +62,7 @@ def backbone_only(ex: Extractor, paths, batch_size: int, workers: int | None) ->
 
 
 def fit_seconds(ex: Extractor, paths, store_path: Path, batch_size: int, workers: int | None) -> tuple[float, float]:
-    """(seconds of one ``fit_store`` call on a new store, seconds of its streaming part).
+    """(seconds of one ``run_fit`` call on a new store, without finalize, seconds of its streaming part).
 
     The streaming part runs from the first batch's features to the start of the
     checkpoint write: it leaves out creating the store and zero-filling the
@@ -83,8 +84,8 @@ def fit_seconds(ex: Extractor, paths, store_path: Path, batch_size: int, workers
     ex.embed_patches, ModelStore.checkpoint = first_embed, timed_checkpoint
     try:
         t0 = time.perf_counter()
-        summary = fit_store(paths, store_path, extractor=ex, batch_size=batch_size, checkpoint_every=10**9,
-                            loader_workers=workers, progress=False)
+        options = FitOptions(batch_size=batch_size, checkpoint_every=10**9, loader_workers=workers, finalize=False)
+        summary, _ = run_fit(paths, store_path, options, extractor=ex)
         total = time.perf_counter() - t0
     finally:
         del ex.embed_patches
@@ -105,7 +106,7 @@ def checkpoint_seconds(store_path: Path) -> float:
 
 def score_seconds(model: Model, paths, batch_size: int, workers: int | None) -> float:
     t0 = time.perf_counter()
-    score_paths(model, paths, batch_size=batch_size, loader_workers=workers, on_batch=lambda *a: None)
+    score_images(model, paths, ScoreOptions(batch_size=batch_size, loader_workers=workers), lambda *a: None)
     if model.extractor.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -162,8 +163,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 finalize(ModelStore.open(scored, writable=True))
                 finalize_s = time.perf_counter() - t0
-            model = Model(ModelStore.open(scored))
-            model._extractor = ex
+            model = Model(ModelStore.open(scored), extractor=ex)
             model._statistics()  # loaded before the clock starts, as in a scoring service
             s_whole, s_stream = rates(len(small), args.n, score_seconds(model, small, args.batch_size, args.loader_workers),
                                       score_seconds(model, paths, args.batch_size, args.loader_workers))

@@ -5,11 +5,11 @@ import pytest
 
 import padim_ooc as po
 from padim_ooc.data import list_images
-from padim_ooc.fit import fit_store, memory_plan
+from padim_ooc.fit import memory_plan
 from padim_ooc.memory import plan_memory
 from padim_ooc.store import ModelStore
 
-from test_fit import exact_stats, rel
+from conftest import exact_stats, fit_summary, rel
 
 
 def test_plan_arithmetic():
@@ -37,10 +37,10 @@ def tiny_budget(extractor, batch_size, blocks):
 
 
 def test_blocked_fit_equals_one_pass(tmp_path, image_dir, extractor, capfd):
-    one = fit_store([image_dir], tmp_path / "one.zarr", extractor=extractor, batch_size=8,
+    one = fit_summary([image_dir], tmp_path / "one.zarr", extractor, batch_size=8,
                     checkpoint_every=12, loader_workers=0, progress=False)
     budget = tiny_budget(extractor, 8, 3)
-    three = fit_store([image_dir], tmp_path / "three.zarr", extractor=extractor, batch_size=8,
+    three = fit_summary([image_dir], tmp_path / "three.zarr", extractor, batch_size=8,
                       checkpoint_every=12, loader_workers=0, progress=True, max_memory=budget)
     err = capfd.readouterr().err
     assert "memory plan: 3 passes over the images" in err
@@ -67,8 +67,8 @@ def test_blocked_incremental_fit_with_duplicates(tmp_path, image_dir, extractor)
     models = {}
     for name, budget in (("one", None), ("blocked", tiny_budget(extractor, 5, 4))):
         path = models[name] = tmp_path / f"{name}.zarr"
-        fit_store([image_dir / "a"], path, extractor=extractor, batch_size=5, loader_workers=0, progress=False)
-        summary = fit_store(sources, path, extractor=extractor, batch_size=5, checkpoint_every=5,
+        fit_summary([image_dir / "a"], path, extractor, batch_size=5, loader_workers=0, progress=False)
+        summary = fit_summary(sources, path, extractor, batch_size=5, checkpoint_every=5,
                             loader_workers=0, progress=False, max_memory=budget)
         assert summary.blocks == (1 if budget is None else 4)
         assert summary.added == 20 and summary.already_seen == 20 and summary.duplicates == 10

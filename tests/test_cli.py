@@ -17,7 +17,7 @@ import padim_ooc
 from padim_ooc import cli
 from padim_ooc.store import ModelStore, read_array
 
-from conftest import run_cli as run, write_images
+from conftest import cli_error, cli_json, CONFIG, main_exit, run_cli as run, synthetic, write_images
 
 SMALL = ["--weights", "none", "--resize", "72", "--crop", "64", "--loader-workers", "0", "-q"]
 
@@ -82,30 +82,6 @@ def test_help():  # a real process: exit 0 (the other commands' help: test_help_
 
 # ---- usage errors: one line, exit 2 (in-process through the console script's main) ----
 
-def main_exit(capsys, *args):
-    """Run ``cli.main(args)`` in this process (no interpreter start-up: fast); returns
-    (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exc:
-        cli.main([str(a) for a in args])
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def cli_json(capsys, *args):
-    """``cli.main(args)`` in this process, exit 0; its JSON output."""
-    code, out, err = main_exit(capsys, *args)
-    assert code == 0, err
-    return json.loads(out)
-
-
-def cli_error(capsys, *args, text):
-    """``cli.main(args)`` in this process: one ``error: ...`` line holding ``text``, exit 2; that line."""
-    code, out, err = main_exit(capsys, *args)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], err
-    return err
-
-
 @pytest.mark.parametrize("args, text", [
     (["fit", "x"], "Missing option '--model'"),
     (["fit", "x", "--model", "m.zarr", "--dims", "0"], "--dims"),
@@ -168,14 +144,6 @@ def assert_precision(model, eps, positions=(0, 77, 255)):
     for p in positions:
         expected = np.linalg.inv(cov[p] + eps * np.eye(cov.shape[1]))
         np.testing.assert_allclose(prec[p], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory, image_dir):
-    """A model fitted by the CLI on image_dir/a (20 images, d = 100, 16 x 16 grid, eps 0.01)."""
-    model = tmp_path_factory.mktemp("fitted") / "m.zarr"
-    run("fit", image_dir / "a", "--model", model, *SMALL, "--batch-size", "10")  # a real process
-    return model
 
 
 def test_eps_before_fit_and_refinalize(tmp_path, image_dir, fitted, capsys):
@@ -330,7 +298,6 @@ def assert_precision_of(model, x, eps, positions=(0, 7, 14)):
 
 
 def test_merge_and_finalize_keep_the_models_eps(tmp_path, capsys):
-    from test_merge import synthetic
 
     x = 3 + np.random.default_rng(8).normal(size=(15, 11, 4))  # (P, n, d)
     synthetic(tmp_path / "a.zarr", x[:, :6], [bytes([i]) * 16 for i in range(6)])
@@ -355,8 +322,7 @@ def test_merge_and_finalize_keep_the_models_eps(tmp_path, capsys):
 # ---- weights: `default` and `torchvision:...` are the enum member of the model's backbone ----
 
 def test_weights_check_compares_the_enum_members(tmp_path, image_dir, monkeypatch, capsys):
-    from padim_ooc.api import check_weights
-    from test_merge import CONFIG, synthetic
+    from padim_ooc.config import check_weights
 
     r18 = {"backbone": "resnet18", "weights": "torchvision:ResNet18_Weights.IMAGENET1K_V1"}
     wr50 = {"backbone": "wide_resnet50_2", "weights": "torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1"}
@@ -391,7 +357,6 @@ def test_a_refused_writer_starts_no_cluster(tmp_path, image_dir, fitted, capsys)
     import subprocess
     import sys
 
-    from test_merge import synthetic
 
     x = np.random.default_rng(10).normal(size=(15, 6, 4))
     synthetic(tmp_path / "part.zarr", x[:, :3], [bytes([i]) * 16 for i in range(3)])

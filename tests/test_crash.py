@@ -48,8 +48,7 @@ from padim_ooc.cli import app
 from padim_ooc.store.lock import LOCK_NAME
 from padim_ooc.store import ModelStore
 
-from conftest import CLI, write_images
-from test_store import CONFIG, moments
+from conftest import CLI, CONFIG, moments, write_images
 
 N_IMAGES = 200
 EVERY = 10  # checkpoint interval (images): 20 checkpoints in a whole run

@@ -94,12 +94,12 @@ def test_lite0_pretrained_weights_load_from_the_installed_file():
 
 
 def test_presets():
-    assert PRESETS["r18-rd100"]["backbone"] == "resnet18" and PRESETS["r18-rd100"]["dims"] == 100
-    assert PRESETS["wr50-rd550"]["backbone"] == "wide_resnet50_2" and PRESETS["wr50-rd550"]["dims"] == 550
-    assert PRESETS["lite0"]["backbone"] == "efficientnet_lite0" and PRESETS["lite0"]["dims"] is None
+    assert PRESETS["r18-rd100"].backbone == "resnet18" and PRESETS["r18-rd100"].dims == 100
+    assert PRESETS["wr50-rd550"].backbone == "wide_resnet50_2" and PRESETS["wr50-rd550"].dims == 550
+    assert PRESETS["lite0"].backbone == "efficientnet_lite0" and PRESETS["lite0"].dims is None
     assert PAPER_MVTEC_MEAN["wr50-rd550"] == {"image_auroc": 95.3, "pixel_auroc": 97.5, "pro": 92.1}
     got = resolve("r18-rd100", dims=50, resize=72, crop=None)
-    assert (got["backbone"], got["dims"], got["resize"], got["crop"]) == ("resnet18", 50, 72, 72)
+    assert (got.backbone, got.dims, got.resize, got.crop) == ("resnet18", 50, 72, 72)
     with pytest.raises(PadimError, match="unknown preset 'x'"):
         resolve("x")
 

@@ -18,16 +18,14 @@ import padim_ooc as po
 from padim_ooc.data import list_images
 from padim_ooc.parallel.client import open_client
 from padim_ooc.finalize import finalize
-from padim_ooc.fit import fit_store
-from padim_ooc.score import score_paths
+from padim_ooc.score import score_images
+from padim_ooc.store import ModelStore as _Store
 from padim_ooc.parallel.score_shards import score_shard_size, score_sharded
-from padim_ooc.parallel.fit_shards import fit_sharded
 from padim_ooc.parallel.tasks import shard_ranges
 from padim_ooc.store import ModelStore
 from padim_ooc.welford import Moments
 
-from conftest import run_cli
-from test_fit import exact_stats, rel
+from conftest import exact_stats, fit_summary, rel, run_cli, score_options
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +34,6 @@ def cluster():
     lines: list[str] = []
     with open_client(workers=2, echo=lines.append) as client:
         yield client, lines
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory, image_dir, extractor):
-    path = tmp_path_factory.mktemp("dist") / "m.zarr"
-    po.fit([image_dir / "a"], path, extractor=extractor, batch_size=8, loader_workers=0)
-    return path
 
 
 def test_shard_ranges_align_to_batches():
@@ -102,7 +93,7 @@ def reference_scores(model_path, paths, batch_size):
     def on_batch(indices, scores, maps):
         out[indices] = scores
 
-    score_paths(model, paths, batch_size=batch_size, loader_workers=0, on_batch=on_batch)
+    score_images(model, paths, score_options(batch_size=batch_size, loader_workers=0), on_batch)
     return out
 
 
@@ -117,7 +108,8 @@ def test_sharded_scores_equal_one_process(cluster, fitted, image_dir):
         for i, s, m in zip(indices, scores, shard_maps):
             maps[int(i)] = (s, m)
 
-    bad = score_sharded(fitted, paths, client, batch_size=4, maps=True, device="cpu", shards=5, on_result=on_result)
+    bad = score_sharded(_Store.open(fitted), paths, client, score_options(batch_size=4, maps=True, device="cpu"),
+                        shards=5, on_result=on_result)
     assert bad == []
     assert sorted(seen) == list(range(len(paths)))
     got = np.array([maps[i][0] for i in range(len(paths))])
@@ -138,7 +130,8 @@ def test_many_small_shards_equal_one_process(cluster, fitted, image_dir):
         assert np.isnan(got[indices]).all()  # never twice
         got[indices] = scores
 
-    score_sharded(fitted, paths, client, batch_size=4, device="cpu", max_shard_images=8, on_result=on_result)
+    score_sharded(_Store.open(fitted), paths, client, score_options(batch_size=4, device="cpu"),
+                  max_shard_images=8, on_result=on_result)
     assert len(sizes) == 5 and max(sizes) == 8
     np.testing.assert_allclose(got, ref, rtol=1e-6)
     # each worker kept its copy of the model only for the run
@@ -173,7 +166,8 @@ def test_killed_worker_every_image_scored_once(cluster, fitted, image_dir):
             killed[addr] = list(busy[addr])
         seen.extend(zip(indices.tolist(), scores.tolist()))
 
-    score_sharded(fitted, paths, client, batch_size=2, device="cpu", shards=10, on_result=on_result)
+    score_sharded(_Store.open(fitted), paths, client, score_options(batch_size=2, device="cpu"), shards=10,
+                  on_result=on_result)
     assert killed and all(keys for keys in killed.values())
     indices = [i for i, _ in seen]
     assert sorted(indices) == list(range(len(paths)))  # every image exactly once
@@ -188,12 +182,12 @@ def test_sharded_fit_equals_one_process(cluster, tmp_path, image_dir, extractor,
     import psutil
 
     client, _ = cluster
-    one = fit_store([image_dir], tmp_path / "one.zarr", extractor=extractor, batch_size=5,
+    one = fit_summary([image_dir], tmp_path / "one.zarr", extractor, batch_size=5,
                     loader_workers=0, progress=False)
     rss = client.run(lambda: psutil.Process().memory_info().rss)
     limits = {a: w["memory_limit"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
     capfd.readouterr()
-    summary = fit_sharded([image_dir], tmp_path / "sharded.zarr", client, extractor=extractor, batch_size=5,
+    summary = fit_summary([image_dir], tmp_path / "sharded.zarr", extractor, client=client, batch_size=5,
                           checkpoint_every=6, shards=3, device="cpu", progress=True)
     # the plans printed are the workers' own: budget = 0.8 x min(available, limit - the worker's RSS)
     plans = re.findall(r"memory plan: one pass .* budget ([\d.]+) GiB\) \[worker (\S+)\]", capfd.readouterr().err)
@@ -232,8 +226,8 @@ def test_sharded_fit_extends_a_model_and_drops_repeats(cluster, tmp_path, image_
     (copies / "copy1.png").write_bytes(src[7].read_bytes())
     (copies / "junk.png").write_bytes(b"not an image")
     path = tmp_path / "m.zarr"
-    fit_store([image_dir / "a"], path, extractor=extractor, batch_size=8, loader_workers=0, progress=False)
-    summary = fit_sharded([image_dir / "a", image_dir / "b", copies], path, client, batch_size=8,
+    fit_summary([image_dir / "a"], path, extractor, batch_size=8, loader_workers=0, progress=False)
+    summary = fit_summary([image_dir / "a", image_dir / "b", copies], path, client=client, batch_size=8,
                           device="cpu", progress=False)
     assert (summary.added, summary.already_seen, summary.duplicates) == (20, 20, 2)
     assert [name for name, _ in summary.skipped] == [str(copies / "junk.png")]
@@ -244,7 +238,7 @@ def test_sharded_fit_extends_a_model_and_drops_repeats(cluster, tmp_path, image_
     assert len(model.store.ledger()) == 40
     # on_error="fail": the shard's error reaches the caller, the model and its folder are as they were
     with pytest.raises(po.PadimError, match="junk.png"):
-        fit_sharded([copies], path, client, batch_size=8, device="cpu", progress=False, on_error="fail")
+        fit_summary([copies], path, client=client, batch_size=8, device="cpu", progress=False, on_error="fail")
     assert ModelStore.open(path).n_images == 40 and not (tmp_path / "m.zarr.parts").exists()
 
 
@@ -376,13 +370,13 @@ def test_sharded_fit_survives_a_killed_worker(cluster, tmp_path, image_dir, extr
 
     client, _ = cluster
     client.wait_for_workers(2, timeout=60)
-    one = fit_store([image_dir], tmp_path / "one.zarr", extractor=extractor, batch_size=2,
+    one = fit_summary([image_dir], tmp_path / "one.zarr", extractor, batch_size=2,
                     loader_workers=0, progress=False)
     model, result = tmp_path / "m.zarr", {}
 
     def run():
         try:
-            result["summary"] = fit_sharded([image_dir], model, client, extractor=extractor, batch_size=2,
+            result["summary"] = fit_summary([image_dir], model, extractor, client=client, batch_size=2,
                                             checkpoint_every=4, shards=2, device="cpu", progress=False)
         except BaseException as err:  # noqa: BLE001 - reported by the assertion below
             result["error"] = err
@@ -462,7 +456,7 @@ def test_cli_fit_on_an_existing_cluster(cluster, tmp_path, image_dir):
     fitted = po.open_model(model)
     good = [p for p in list_images([folder]) if p.name not in ("empty.png", "text.png")]
     ref = Extractor.from_config(fitted.store.attrs, device="cpu")
-    fit_store([folder], tmp_path / "one.zarr", extractor=ref, batch_size=2, loader_workers=0, progress=False)
+    fit_summary([folder], tmp_path / "one.zarr", ref, batch_size=2, loader_workers=0, progress=False)
     one = po.open_model(tmp_path / "one.zarr")  # the same batches (bad files included): the same features
     assert fitted.n_images == one.n_images == 6
     assert rel(fitted.mean, one.mean) <= 1e-10 and rel(fitted.covariance(), one.covariance()) <= 1e-10
@@ -477,10 +471,10 @@ def test_task_errors_come_back_without_a_traceback(cluster, fitted, tmp_path, im
     folder = _bad_folder(tmp_path / "bad", image_dir)
     before = sum(len(v) for v in client.get_worker_logs().values())
     with pytest.raises(po.PadimError, match=r"^bad image .*(empty|text)\.png: "):
-        score_sharded(fitted, list_images([folder]), client, batch_size=2, device="cpu", on_error="fail")
+        score_sharded(_Store.open(fitted), list_images([folder]), client, score_options(batch_size=2, device="cpu", on_error="fail"))
     model = tmp_path / "m.zarr"
     with pytest.raises(po.PadimError, match=r"^bad image .*(empty|text)\.png: "):
-        fit_sharded([folder], model, client, extractor=extractor, batch_size=2, shards=4, device="cpu",
+        fit_summary([folder], model, extractor, client=client, batch_size=2, shards=4, device="cpu",
                     progress=False, on_error="fail")
     assert not (tmp_path / "m.zarr.parts").exists() and not model.exists()
     logs = [msg for v in client.get_worker_logs().values() for _, msg in v]

@@ -15,11 +15,10 @@ import padim_ooc as po
 from padim_ooc.evaluation.evaluate import evaluate
 from padim_ooc.evaluation.layouts import find_layout
 from padim_ooc.evaluation.metrics import PixelMetrics, PixelRocAccumulator
-from test_layouts import make_mvtec_class, nearest_resize_crop
 
 from PIL import Image
 
-from conftest import run_cli as run
+from conftest import make_mvtec_class, nearest_resize_crop, run_cli as run
 
 SMALL = ["--weights", "none", "--resize", "72", "--crop", "64", "--loader-workers", "0", "-q"]
 

@@ -13,7 +13,7 @@ import padim_ooc as po
 from padim_ooc.data import decode_rgb
 from padim_ooc.extractor import draw_channels
 
-from conftest import run_cli
+from conftest import cli_json, run_cli
 
 
 def test_resnet18_shapes_and_seeded_channels(extractor):
@@ -267,12 +267,12 @@ def test_presets_name_the_papers_v1_weights():
     from padim_ooc.backbones import torchvision_weights
     from padim_ooc.presets import preset, resolve
 
-    assert torchvision_weights("wide_resnet50_2", preset("wr50-rd550")["weights"]) is \
+    assert torchvision_weights("wide_resnet50_2", preset("wr50-rd550").weights) is \
         Wide_ResNet50_2_Weights.IMAGENET1K_V1
-    assert torchvision_weights("resnet18", resolve("r18-rd100")["weights"]) is ResNet18_Weights.IMAGENET1K_V1
+    assert torchvision_weights("resnet18", resolve("r18-rd100").weights) is ResNet18_Weights.IMAGENET1K_V1
     assert torchvision_weights("wide_resnet50_2", "default") is Wide_ResNet50_2_Weights.IMAGENET1K_V2
-    assert resolve(None)["weights"] == "default"
-    assert resolve("wr50-rd550", weights="none")["weights"] == "none"  # given explicitly: overrides
+    assert resolve(None).weights == "default"
+    assert resolve("wr50-rd550", weights="none").weights == "none"  # given explicitly: overrides
     assert torchvision_weights("resnet18", "torchvision:IMAGENET1K_V1") is ResNet18_Weights.IMAGENET1K_V1
     with pytest.raises(po.PadimError, match=r"unknown weights .*IMAGENET1K_V3.* one of IMAGENET1K_V1"):
         torchvision_weights("resnet18", "torchvision:ResNet18_Weights.IMAGENET1K_V3")
@@ -289,16 +289,16 @@ def test_a_preset_with_another_backbone_carries_its_weights_over():
     from padim_ooc.presets import resolve
 
     got = resolve("r18-rd100", backbone="wide_resnet50_2")
-    assert got["weights"] == "torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1"
-    assert torchvision_weights("wide_resnet50_2", got["weights"]) is Wide_ResNet50_2_Weights.IMAGENET1K_V1
+    assert got.weights == "torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1"
+    assert torchvision_weights("wide_resnet50_2", got.weights) is Wide_ResNet50_2_Weights.IMAGENET1K_V1
     got = resolve("wr50-rd550", backbone="resnet34")
-    assert torchvision_weights("resnet34", got["weights"]) is ResNet34_Weights.IMAGENET1K_V1
-    assert resolve("wr50-rd550", backbone="resnet18")["weights"] == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
-    assert resolve("r18-rd100", backbone="efficientnet_lite0")["weights"] == "default"  # not torchvision
-    assert resolve("lite0", backbone="resnet18")["weights"] == "default"
-    assert resolve("r18-rd100", backbone="resnet18")["weights"] == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
-    assert resolve("r18-rd100", backbone="wide_resnet50_2", weights="default")["weights"] == "default"
-    assert resolve(None, backbone="wide_resnet50_2")["weights"] == "default"
+    assert torchvision_weights("resnet34", got.weights) is ResNet34_Weights.IMAGENET1K_V1
+    assert resolve("wr50-rd550", backbone="resnet18").weights == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    assert resolve("r18-rd100", backbone="efficientnet_lite0").weights == "default"  # not torchvision
+    assert resolve("lite0", backbone="resnet18").weights == "default"
+    assert resolve("r18-rd100", backbone="resnet18").weights == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    assert resolve("r18-rd100", backbone="wide_resnet50_2", weights="default").weights == "default"
+    assert resolve(None, backbone="wide_resnet50_2").weights == "default"
 
 
 def test_preset_backbone_override_and_the_benchmarks_weights_note(tmp_path, monkeypatch, capsys):
@@ -308,7 +308,6 @@ def test_preset_backbone_override_and_the_benchmarks_weights_note(tmp_path, monk
     from torchvision.models import MobileNet_V2_Weights as W
 
     from padim_ooc.recipes.benchmark import overrides
-    from test_cli import cli_json
 
     from conftest import write_images
 

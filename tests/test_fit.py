@@ -9,24 +9,7 @@ import padim_ooc as po
 from padim_ooc.data import decode_rgb, list_images
 from padim_ooc.store import ModelStore
 
-
-def exact_stats(extractor, paths, batch_size):
-    """Two-pass float64 mean and covariance of the extractor's own features, numpy only.
-
-    The features are computed with the same batch composition as the fit
-    (oneDNN convolutions on the CPU differ by ~1e-6 with the batch size).
-    """
-    x = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes())) for p in paths])
-    feats = torch.cat([extractor.embed(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    f = feats.flatten(2).permute(2, 0, 1).double().numpy()  # (P, N, d)
-    mean = f.mean(axis=1)
-    c = f - mean[:, None, :]
-    cov = np.einsum("pni,pnj->pij", c, c) / (f.shape[1] - 1)
-    return mean, cov
-
-
-def rel(a, b) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
+from conftest import exact_stats, rel
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 32])

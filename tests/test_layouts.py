@@ -2,38 +2,14 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_images
+from conftest import make_mvtec_class, nearest_resize_crop, write_images
 from padim_ooc.errors import PadimError
 from padim_ooc.evaluation.layouts import find_classes, find_layout, load_mask, load_view
-
-
-def make_mvtec_class(root: Path, *, seed: int = 0, n_train: int = 20, n_good: int = 6,
-                     types=("scratch", "spot"), n_defect: int = 5, masks: bool = True,
-                     size=(80, 80)) -> Path:
-    """A small MVTec AD class: smooth random images; defects are dark or bright
-    rectangles, the mask (0/255 PNG, same size as the image) marks exactly them."""
-    write_images(root / "train" / "good", n_train, seed=seed, size=size)
-    write_images(root / "test" / "good", n_good, seed=seed + 1, size=size)
-    rng = np.random.default_rng(seed + 2)
-    for k, name in enumerate(types):
-        for path in write_images(root / "test" / name, n_defect, seed=seed + 3 + k, size=size):
-            img = np.asarray(Image.open(path)).copy()
-            mask = np.zeros(img.shape[:2], np.uint8)
-            for _ in range(rng.integers(1, 3)):
-                y, x = rng.integers(4, size[0] - 20), rng.integers(4, size[1] - 16)
-                mask[y:y + rng.integers(6, 16), x:x + rng.integers(5, 12)] = 255
-            img[mask > 0] = 0 if k % 2 == 0 else 255
-            Image.fromarray(img).save(path)
-            if masks:
-                (root / "ground_truth" / name).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(mask).save(root / "ground_truth" / name / f"{path.stem}_mask.png")
-    return root
 
 
 def test_mvtec_layout_with_masks(tmp_path):
@@ -103,17 +79,6 @@ def test_find_classes(tmp_path):
     (tmp_path / "notes").mkdir()
     assert [p.name for p in find_classes(tmp_path)] == ["a", "b"]
     assert find_classes(tmp_path / "a") == [tmp_path / "a"]
-
-
-def nearest_resize_crop(mask: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    """Reference: nearest neighbour at pixel centres (src = floor((dst + 0.5) * in / out)),
-    then a centre crop starting at round((resize - crop) / 2)."""
-    h, w = mask.shape
-    rows = np.minimum(((np.arange(resize) + 0.5) * h / resize).astype(int), h - 1)
-    cols = np.minimum(((np.arange(resize) + 0.5) * w / resize).astype(int), w - 1)
-    big = mask[np.ix_(rows, cols)]
-    top = int(round((resize - crop) / 2))
-    return big[top:top + crop, top:top + crop]
 
 
 @pytest.mark.parametrize("shape,resize,crop", [((90, 70), 72, 64), ((300, 300), 256, 224), ((50, 50), 64, 64)])

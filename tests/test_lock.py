@@ -20,7 +20,8 @@ import padim_ooc as po
 from padim_ooc.store import lock
 from padim_ooc.store import ModelStore
 
-from test_store import CONFIG, moments
+from conftest import CONFIG, moments
+
 
 FORK = mp.get_context("fork")
 

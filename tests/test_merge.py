@@ -23,24 +23,7 @@ from padim_ooc.merge import merge_stores, tree_merge
 from padim_ooc.store import ModelStore
 from padim_ooc.welford import Moments
 
-from test_fit import exact_stats, rel
-
-CONFIG = {"backbone": "resnet18", "layers": ["layer1"], "layer_channels": [64], "channels": list(range(4)),
-          "dims": 4, "seed": 0, "weights": "random:seed=0", "weights_digest": "x", "resize": 64, "crop": 64,
-          "normalize_mean": [0.5] * 3, "normalize_std": [0.5] * 3, "grid": [3, 5]}
-
-
-def synthetic(path, x, digests, config=CONFIG):
-    """A store holding the statistics of samples ``x`` (P, n, d) with ledger ``digests``."""
-    store = ModelStore.create(path, config)
-    store.checkpoint(Moments.from_batch(torch.from_numpy(x)), digests)
-    return store
-
-
-def two_pass(x):
-    mean = x.mean(axis=1)
-    c = x - mean[:, None, :]
-    return mean, np.einsum("pni,pnj->pij", c, c)
+from conftest import CONFIG, exact_stats, rel, synthetic, two_pass
 
 
 @pytest.mark.parametrize("sizes", [[7], [3, 4], [5, 1, 9], [2, 2, 2, 2, 2], [1, 6, 3, 8, 2, 5, 4]])

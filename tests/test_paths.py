@@ -22,7 +22,8 @@ from padim_ooc.merge import merge_stores
 from padim_ooc.store import ModelStore
 from padim_ooc.welford import Moments
 
-from test_merge import CONFIG, two_pass
+from conftest import CONFIG, two_pass
+
 
 EPS = 0.01
 

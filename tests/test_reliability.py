@@ -38,14 +38,6 @@ def one_line_error(res, text: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory, image_dir, extractor):
-    """A finalized model of image_dir/a (what the CLI builds with SMALL)."""
-    path = tmp_path_factory.mktemp("fitted") / "m.zarr"
-    po.fit([image_dir / "a"], path, extractor=extractor, batch_size=10, loader_workers=0)
-    return path
-
-
 def copy(model: Path, tmp_path: Path) -> tuple[Path, dict]:
     out = tmp_path / "copy.zarr"
     shutil.copytree(model, out)

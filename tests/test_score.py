@@ -13,20 +13,14 @@ from padim_ooc.finalize import precision_block
 from padim_ooc.score import anomaly_maps, mahalanobis
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory, image_dir, extractor):
-    path = tmp_path_factory.mktemp("model") / "m.zarr"
-    return po.fit([image_dir / "a"], path, extractor=extractor, batch_size=8, loader_workers=0)
-
-
-def test_mahalanobis_equals_scipy(fitted, image_dir, extractor):
+def test_mahalanobis_equals_scipy(fitted_model, image_dir, extractor):
     x = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes())) for p in list_images([image_dir / "b"])[:3]])
     feats = extractor.embed(x)
-    mean, prec = fitted._statistics()
+    mean, prec = fitted_model._statistics()
     dist = mahalanobis(feats, mean, prec).numpy()  # (B, h, w)
-    cov = fitted.covariance()
-    mu = fitted.mean
-    eps = fitted.attrs["eps"]
+    cov = fitted_model.covariance()
+    mu = fitted_model.mean
+    eps = fitted_model.attrs["eps"]
     h, w = extractor.grid
     f = feats.double().numpy()
     for pos in (0, 17, h * w // 2, h * w - 1):
@@ -37,12 +31,12 @@ def test_mahalanobis_equals_scipy(fitted, image_dir, extractor):
             assert dist[b, i, j] == pytest.approx(ref, rel=2e-4)
 
 
-def test_maps_are_upsampled_blurred_distances(fitted, image_dir, extractor):
+def test_maps_are_upsampled_blurred_distances(fitted_model, image_dir, extractor):
     x = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes())) for p in list_images([image_dir / "b"])[:2]])
-    scores, maps = fitted.score(x)
+    scores, maps = fitted_model.score(x)
     assert maps.shape == (2, 64, 64)
     np.testing.assert_allclose(scores, maps.reshape(2, -1).max(axis=1))
-    mean, prec = fitted._statistics()
+    mean, prec = fitted_model._statistics()
     dist = mahalanobis(extractor.embed(x), mean, prec)
     up = torch.nn.functional.interpolate(dist.unsqueeze(1), size=(64, 64), mode="bilinear",
                                          align_corners=False).squeeze(1).numpy()
@@ -51,11 +45,11 @@ def test_maps_are_upsampled_blurred_distances(fitted, image_dir, extractor):
     np.testing.assert_allclose(maps[:, 20:44, 20:44], ref[:, 20:44, 20:44], rtol=1e-4)
 
 
-def test_score_from_paths_equals_tensor(fitted, image_dir, extractor):
+def test_score_from_paths_equals_tensor(fitted_model, image_dir, extractor):
     paths = list_images([image_dir / "b"])[:3]
     x = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes())) for p in paths])
-    s_paths, _ = fitted.score(paths)
-    s_tensor, _ = fitted.score(x)
+    s_paths, _ = fitted_model.score(paths)
+    s_tensor, _ = fitted_model.score(x)
     np.testing.assert_allclose(s_paths, s_tensor, rtol=1e-6)
 
 
@@ -187,7 +181,7 @@ def test_score_writer_compacts_maps_after_skipped_images(tmp_path, monkeypatch):
     np.testing.assert_array_equal(stored[...], maps[kept].astype(np.float16))
 
 
-def test_score_cli_maps_with_a_bad_image_in_the_middle(fitted, tmp_path, image_dir):
+def test_score_cli_maps_with_a_bad_image_in_the_middle(fitted_model, tmp_path, image_dir):
     """`score --maps` with an unreadable file between good ones: maps.zarr holds the maps of the
     readable images, as scoring them alone gives, in input order."""
     import zarr
@@ -199,16 +193,16 @@ def test_score_cli_maps_with_a_bad_image_in_the_middle(fitted, tmp_path, image_d
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     files = [*good[:3], bad, *good[3:]]
-    result = CliRunner().invoke(app, ["score", str(fitted.store.path), *map(str, files), "--out", str(tmp_path / "o"),
+    result = CliRunner().invoke(app, ["score", str(fitted_model.store.path), *map(str, files), "--out", str(tmp_path / "o"),
                                       "--maps", "--batch-size", "3", "--device", "cpu", "--loader-workers", "0", "-q"])
     assert result.exit_code == 0, result.output
     stored = zarr.open_array(str(tmp_path / "o" / "maps.zarr"), mode="r")
     assert stored.attrs["paths"] == [str(p) for p in good]
-    _, ref = fitted.score(good)
+    _, ref = fitted_model.score(good)
     np.testing.assert_allclose(stored[...].astype(np.float32), ref, rtol=2e-3, atol=1e-3 * float(np.abs(ref).max()))
 
 
-def test_score_cli_every_image_bad_or_on_error_fail(fitted, tmp_path, image_dir):
+def test_score_cli_every_image_bad_or_on_error_fail(fitted_model, tmp_path, image_dir):
     """Nothing scored is an error (as in fit), and a failed run leaves no output folder behind."""
     from typer.testing import CliRunner
 
@@ -218,7 +212,7 @@ def test_score_cli_every_image_bad_or_on_error_fail(fitted, tmp_path, image_dir)
     bad.mkdir()
     (bad / "zero.png").write_bytes(b"")
     (bad / "text.png").write_text("not an image")
-    model = str(fitted.store.path)
+    model = str(fitted_model.store.path)
     runner = CliRunner()
     result = runner.invoke(app, ["score", model, str(bad / "zero.png"), str(bad / "text.png"),
                                  "--out", str(tmp_path / "o4"), "--device", "cpu", "-q"])

@@ -14,15 +14,7 @@ import padim_ooc as po
 from padim_ooc.store import ATTR_KEY, ModelStore, positions_per_chunk
 from padim_ooc.welford import Moments
 
-CONFIG = {"backbone": "resnet18", "layers": ["layer1"], "layer_channels": [64], "channels": list(range(4)),
-          "dims": 4, "seed": 0, "weights": "random:seed=0", "weights_digest": "x", "resize": 64, "crop": 64,
-          "normalize_mean": [0.5] * 3, "normalize_std": [0.5] * 3, "grid": [3, 5]}
-
-
-def moments(n, seed=0):
-    x = torch.from_numpy(np.random.default_rng(seed).normal(size=(15, n, 4)))
-    return Moments.from_batch(x)
-
+from conftest import CONFIG, moments
 
 def test_checkpoint_round_trip_and_ledger(tmp_path):
     st = ModelStore.create(tmp_path / "m.zarr", CONFIG)

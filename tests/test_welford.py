@@ -9,19 +9,9 @@ import torch
 
 from padim_ooc.welford import Moments, advance, merge, merge_, update_
 
+from conftest import rel, two_pass
+
 P, D = 5, 6
-
-
-def two_pass(x: np.ndarray):
-    """x: (P, N, d) -> exact mean (P, d) and m2 (P, d, d), in float64, two passes."""
-    mean = x.mean(axis=1)
-    c = x - mean[:, None, :]
-    return mean, np.einsum("pni,pnj->pij", c, c)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Evaluate a fitted model on a labelled test split: metrics.json, scores.csv, report.html.
 
-The test images are scored in a stream (:func:`padim_ooc.score.score_paths`).
+The test images are scored in a stream (:func:`padim_ooc.score.score_images`).
 Memory stays bounded whatever the test set: one float per image (the
 scores), the pixel metrics' fixed-size state (:class:`padim_ooc.metrics.PixelMetrics`),
 and the anomaly maps of the few images the report shows.
@@ -25,7 +25,8 @@ from .layouts import GOOD, Layout, find_layout, load_mask, load_view
 from .metrics import DEFAULT_MAX_EXACT_PIXELS, DEFAULT_N_BINS, PixelMetrics, image_auroc
 from ..progress import bar
 from .report import Example, write_report
-from ..score import DEFAULT_SIGMA, Model, score_paths
+from ..options import DEFAULT_SIGMA, ScoreOptions
+from ..score import Model, score_images
 
 log = logging.getLogger("padim_ooc")
 
@@ -132,6 +133,8 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
         ``threshold``, the ``model`` summary and ``timings``.
     """
     t0 = time.perf_counter()
+    options = ScoreOptions(batch_size=batch_size, loader_workers=loader_workers, on_error=on_error, sigma=sigma,
+                           maps=True)
     layout = data if isinstance(data, Layout) else find_layout(data)
     model.store.final_arrays()  # a clear error before any image is read
     attrs = model.attrs
@@ -159,9 +162,7 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
                         keepers[key].offer(s if order == "high" else -s, make)
             advance(len(indices))
 
-        bad = score_paths(model, [it.path for it in test], batch_size=batch_size, sigma=sigma,
-                          loader_workers=loader_workers, on_error=on_error,
-                          on_batch=on_batch)
+        bad = score_images(model, [it.path for it in test], options, on_batch)
     t_score = time.perf_counter() - t0
     for i, err in bad:
         log.warning("skipped %s: %s", display_path(test[i].path), err)

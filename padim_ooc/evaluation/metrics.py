@@ -11,7 +11,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from .binned import (DEFAULT_FPR_LIMIT, DEFAULT_MAX_EXACT_PIXELS, DEFAULT_N_BINS, DEFAULT_TAIL,
-                     PixelRocAccumulator, bin_layout, check_finite, check_pair, chunks, log_tails)
+                     PixelRocAccumulator, bin_layout, check_finite_maps, check_pair, chunks, log_tails)
 from .pro import ProAccumulator, exact_pro_curve, partial_area, pro_score, region_weights
 
 __all__ = ["DEFAULT_FPR_LIMIT", "DEFAULT_MAX_EXACT_PIXELS", "DEFAULT_N_BINS", "DEFAULT_TAIL",
@@ -83,7 +83,7 @@ def pixel_auroc(masks, maps, *, max_exact_pixels=DEFAULT_MAX_EXACT_PIXELS,
     """
     masks, maps = check_pair(masks, maps)
     if masks.size <= max_exact_pixels:
-        check_finite(maps)
+        check_finite_maps(maps)
         if masks.all() or not masks.any():
             raise ValueError("pixel AUROC needs both defect and normal pixels; "
                              f"all {masks.size} pixels are "
@@ -147,7 +147,7 @@ class PixelMetrics:
         """Add a batch: masks and maps of shape (batch, H, W); returns self."""
         masks, maps = check_pair(masks, maps)
         maps = np.asarray(maps, dtype=np.float32)
-        check_finite(maps)
+        check_finite_maps(maps)
         self.n_pixels += masks.size
         self.n_defect_pixels += int(masks.sum())
         if self._kept is not None:

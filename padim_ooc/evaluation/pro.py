@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from .binned import (DEFAULT_FPR_LIMIT, DEFAULT_MAX_EXACT_PIXELS, DEFAULT_N_BINS, DEFAULT_TAIL,
-                     _BinnedAccumulator, bin_layout, check_finite, check_pair, chunks)
+                     _BinnedAccumulator, bin_layout, check_finite_maps, check_pair, chunks)
 
 
 def region_weights(masks, connectivity=8):
@@ -64,7 +64,7 @@ def exact_pro_curve(masks, maps, *, connectivity=8):
         From (0, 0) (threshold above every score) to (1, 1), FPR non-decreasing.
     """
     masks, maps = check_pair(masks, maps)
-    check_finite(maps)
+    check_finite_maps(maps)
     weights, n_regions = region_weights(masks, connectivity)
     n_normal = masks.size - int(np.count_nonzero(weights))
     if n_regions == 0 or n_normal == 0:
@@ -226,7 +226,7 @@ def pro_score(masks, maps, *, fpr_limit=DEFAULT_FPR_LIMIT,
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1]; got {fpr_limit}")
     if masks.size <= max_exact_pixels:
-        check_finite(maps)
+        check_finite_maps(maps)
         if region_weights(masks, connectivity)[1] == 0:
             return float("nan")
         return partial_area(*exact_pro_curve(masks, maps, connectivity=connectivity), fpr_limit)

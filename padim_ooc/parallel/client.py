@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from ..errors import PadimError
+from ..options import Cluster
 
 TORCH_THREADS_PER_WORKER = 1
 # seconds to wait for a scheduler to answer, and for it to have a worker (environment overrides)
@@ -64,15 +65,6 @@ def _plugin_class():
             torch.set_num_threads(self.threads)
 
     return TorchThreads
-
-
-def _check_args(workers: int | None, scheduler: str | None) -> None:
-    if workers is not None and workers < 1:
-        raise PadimError(f"--workers must be at least 1, got {workers}")
-    if workers is not None and workers > 1 and scheduler:
-        raise PadimError("give either --workers (a local cluster) or --scheduler (an existing one), not both")
-    if scheduler and "://" not in scheduler:
-        raise PadimError(f"--scheduler expects an address like tcp://HOST:8786, got {scheduler!r}")
 
 
 def _seconds(value: float | None, env: str, default: float) -> float:
@@ -159,7 +151,7 @@ def open_client(workers: int | None = None, scheduler: str | None = None, *,
         Seconds to wait for the scheduler to have a worker (default:
         ``PADIM_OOC_WORKER_TIMEOUT`` or 60); then a :class:`PadimError`.
     """
-    _check_args(workers, scheduler)
+    Cluster(workers, scheduler)  # the rules of the arguments live in the options record
     if not scheduler and (workers is None or workers <= 1):
         yield None
         return

@@ -1,39 +1,36 @@
-"""Sharded fit on a Dask cluster: shards of the input list go to workers.
+"""Sharded fit on a Dask cluster: shards of the input list go to workers, one partial store each.
 
-Fit: the images are hashed on the workers first (the ledger's identity), so
-that images the model already holds and repeated files are dropped exactly as
-the one-process fit drops them. Each shard is then fitted into a partial
-store by one task (:func:`padim_ooc.fit.fit_part`), and the partial stores
-are merged into the model by a tree of Chan merges, chunk by chunk
-(:func:`padim_ooc.merge.merge_stores`). Shards start at multiples of the batch
-size, so the batches (and therefore the CNN features) are the ones the
-one-process fit would form.
+Each shard is one task (:func:`fit_shard`) that runs the fit's own loop,
+:func:`padim_ooc.fit.fold_images`, into a partial store: its images are read and
+hashed once, there, and the rule of which images are folded in is the
+one-process fit's (:class:`padim_ooc.fit.RunLedger`: not those the model holds,
+not a repeat). The partial stores are then merged into the model by a tree of
+Chan merges, chunk by chunk (:func:`padim_ooc.merge.merge_stores`). Shards start
+at multiples of the batch size, so the batches are the ones the one-process fit
+forms; the features agree with its features to float32 rounding (another process
+and thread count), and so do the statistics.
 
-Scoring shards: :mod:`padim_ooc.score_shards`.
-
-If a worker dies, Dask runs its tasks again on another worker: a shard's
-result is delivered once, and a partial fit resumes from its last checkpoint.
+The same content in two shards (a copied file) is found when the shards are
+done, from their ledgers: the later shard is fitted again without it (its files
+are read a second time; only then). If a worker dies, Dask runs its task again on
+another worker, which resumes the partial store from its last checkpoint.
 """
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
-import time
 import uuid
-from concurrent.futures import CancelledError
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-
-from ..data import digest, list_images
+from ..config import ModelConfig
 from ..errors import PadimError
 from ..extractor import Extractor
-from ..fit import FitSummary, check_compatible, check_options, fit_part, memory_plan
+from ..fit import FitSummary, FitTarget, fold_images, memory_plan, shard_options
 from ..memory import default_budget
 from ..merge import merge_stores
+from ..options import FitOptions
 from ..progress import bar
 from ..store import ModelStore, check_shareable, shared_path, store_exists
 from .tasks import TaskFailure, remove_tree, results, shard_ranges, wait_stopped, worker_count
@@ -44,133 +41,81 @@ log = logging.getLogger(__name__)
 PLAN_TOPIC = "padim-ooc-memory-plan"
 
 
-def _hash_files(paths: Sequence[str]) -> list[bytes | None]:
-    """The ledger digest of every file (None for a file that cannot be read)."""
-    out: list[bytes | None] = []
-    for p in paths:
-        try:
-            out.append(digest(Path(p).read_bytes()))
-        except (OSError, ValueError):
-            out.append(None)
-    return out
-
-
-def fit_sharded(sources: Sequence[str | os.PathLike], model: str | os.PathLike, client, *,
-                extractor: Extractor | None = None, batch_size: int = 32, checkpoint_every: int | None = None,
-                on_error: str = "skip", progress: bool = True, device: str = "auto",
-                weights: str | None = None, max_memory: int | None = None, shards: int | None = None,
+def fit_sharded(target: FitTarget, paths: Sequence[Path], client, options: FitOptions, *,
                 parts: str | None = None) -> FitSummary:
-    """Fit (or extend) the model at ``model`` on a Dask cluster, one partial store per shard.
+    """Fold ``paths`` into the model of ``target`` on a Dask cluster, one partial store per shard.
 
     Parameters
     ----------
-    sources : sequence of paths
-        As for :func:`padim_ooc.fit.fit_store`; the workers must reach the files.
-    model : path or URL
-        The model store (created or extended); the workers must reach it.
+    target : FitTarget
+        The model (opened writable by :func:`padim_ooc.fit.run_fit`); the workers must reach it.
+    paths : sequence of paths
+        The images; the workers must reach the files.
     client : distributed.Client
-    shards : int, optional
-        Number of shards (default: one per worker). Each partial store is as
-        large as the model's accumulator on disk.
+    options : FitOptions
+        ``max_memory`` is each worker's budget (default: what the worker has).
+        ``options.cluster.shards``: the number of shards (default: one per worker);
+        each partial store is as large as the model's accumulator on disk.
     parts : path or URL, optional
         Where the partial stores go (default: ``<model>.parts``); removed at the end.
-    max_memory : int, optional
-        Memory budget of each worker's fit (default: what the worker has, with a margin).
 
     Returns
     -------
     FitSummary
         Counts over all shards; ``blocks`` is the largest number of passes a shard made.
     """
-    check_options(batch_size, checkpoint_every, on_error)
-    if shards is not None and shards < 1:
-        raise PadimError(f"shards must be at least 1, got {shards}")
-    model = shared_path(model)
+    store = target.store
+    model, config = store.path, target.config
     parts = shared_path(parts) if parts else model.rstrip("/") + ".parts"
-    check_shareable(model, parts)
-    paths = [shared_path(p) for p in list_images(sources)]
-    created = not store_exists(model)
-    if not created:
-        store = ModelStore.open(model, writable=True)
-        if extractor is not None:
-            check_compatible(store.attrs, extractor, model)
-    else:
-        extractor = extractor or Extractor(device=device)
-        store = ModelStore.create(model, extractor.config())
-    try:
-        summary = _fit_shards(store, paths, parts, client, batch_size=batch_size,
-                              checkpoint_every=checkpoint_every, on_error=on_error, progress=progress,
-                              device=device, weights=weights, max_memory=max_memory, shards=shards)
-    except BaseException:
-        if created:  # a first fit that failed leaves no model behind
-            store.remove_if_empty()
-        raise
-    finally:
-        store.close()
-    if summary.n_images == 0:
-        raise PadimError("no image could be read: the model has no statistics")
-    return summary
-
-
-def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batch_size: int,
-                checkpoint_every: int | None, on_error: str, progress: bool, device: str, weights: str | None,
-                max_memory: int | None, shards: int | None) -> FitSummary:
-    model, config = store.path, store.config
-    ranges = shard_ranges(len(paths), batch_size, shards or worker_count(client))
-    summary = FitSummary(model=model)
-    if max_memory:  # fails early if the budget cannot hold one batch
-        memory_plan(config, batch_size, max_memory)
-    plans = _PlanEcho(progress)
-
-    # 1. hash every file on the workers; drop what the model holds and repeated files, in input order
-    hashed = client.gather(client.map(_hash_files, [paths[a:b] for a, b in ranges], pure=False))
-    ledger, fresh = store.ledger(), set()
-    kept: list[list[str]] = []
-    for (a, b), digests in zip(ranges, hashed):
-        keep = []
-        for path, key in zip(paths[a:b], digests):
-            if key is None:
-                keep.append(path)  # unreadable: its shard reports it
-            elif key in ledger:
-                summary.already_seen += 1
-            elif key in fresh:
-                summary.duplicates += 1
-            else:
-                fresh.add(key)
-                keep.append(path)
-        kept.append(keep)
-
-    # 2. one partial store per shard
-    remove_tree(parts)  # partial stores of an interrupted run: their shards may differ
+    check_shareable(parts)
+    paths = [shared_path(p) for p in paths]
+    ranges = shard_ranges(len(paths), options.batch_size, options.cluster.shards or worker_count(client))
+    plans = _PlanEcho(options.progress)
+    task_options = shard_options(options)  # no client in what goes to the workers
     token = uuid.uuid4().hex[:8]
-    futures = {}
-    for k, keep in enumerate(kept):
-        if keep:
-            fut = client.submit(fit_shard, keep, f"{parts}/part-{k:05d}.zarr", config, device=device,
-                                weights=weights, batch_size=batch_size, checkpoint_every=checkpoint_every,
-                                on_error=on_error, max_memory=max_memory, model=model,
-                                key=f"padim-ooc-fit-{token}-{k}")
-            futures[fut] = (k, ranges[k][1] - ranges[k][0])
-    done: list[str] = []
-    client.subscribe_topic(PLAN_TOPIC, lambda event: plans(event[1]["plan"], event[1]["blocks"], event[1]["worker"]))
+    remove_tree(parts)  # partial stores of an interrupted run: their shards may differ
+    futures: dict = {}
     failed = True
+
+    def submit(k: int, claimed: frozenset = frozenset()) -> None:
+        a, b = ranges[k]
+        fut = client.submit(fit_shard, paths[a:b], f"{parts}/part-{k:05d}.zarr", config, model=model,
+                            options=task_options, weights=target.weights, claimed=claimed, fresh=bool(claimed),
+                            key=f"padim-ooc-fit-{token}-{k}-{len(claimed)}")
+        futures[fut] = k
+
+    client.subscribe_topic(PLAN_TOPIC, lambda event: plans(event[1]["plan"], event[1]["blocks"], event[1]["worker"]))
     try:
-        with bar(f"fit {Path(model).name} ({len(futures)} shards)", len(paths), enabled=progress) as advance:
-            advance(len(paths) - sum(size for _, size in futures.values()))
-            for (k, size), (part, plan, worker) in results(client, futures, "fit"):
+        done: dict[int, tuple[FitSummary, list[bytes]]] = {}
+        with bar(f"fit {Path(model).name} ({len(ranges)} shards)", len(paths), enabled=options.progress) as advance:
+            for k in range(len(ranges)):
+                submit(k)
+            for k, (part, plan, worker, digests) in results(client, dict(futures), "fit"):
                 plans(plan, part.blocks, worker)  # in case its event was late
-                summary.added += part.n_images
-                for name, reason in part.skipped:  # logged here, not on the worker (where no one may see it)
-                    log.warning("skipped %s: %s", name, reason)
-                summary.skipped.extend(part.skipped)
-                summary.checkpoints += part.checkpoints
-                summary.blocks = max(summary.blocks, part.blocks)
-                if part.n_images:
-                    done.append(part.model)
-                advance(size)
-        # 3. tree of Chan merges into the model, chunk by chunk
-        if done:
-            merge_stores(sorted(done), store, client=client)
+                done[k] = (part, digests)
+                advance(ranges[k][1] - ranges[k][0])
+        # the same content in two shards: the later shard again, without what earlier ones keep
+        again = _claims(done)
+        if again:
+            futures.clear()
+            for k, claimed in again.items():
+                submit(k, claimed)
+            for k, (part, plan, worker, digests) in results(client, dict(futures), "fit"):
+                done[k] = (part, digests)
+        summary = FitSummary(model=model)
+        for k in sorted(done):
+            part = done[k][0]
+            for name, reason in part.skipped:  # logged here, not on the worker (where no one may see it)
+                log.warning("skipped %s: %s", name, reason)
+            summary.added += part.n_images
+            summary.already_seen += part.already_seen
+            summary.duplicates += part.duplicates
+            summary.skipped.extend(part.skipped)
+            summary.checkpoints += part.checkpoints
+            summary.blocks = max(summary.blocks, part.blocks)
+        filled = sorted(done[k][0].model for k in done if done[k][0].n_images)
+        if filled:  # a tree of Chan merges into the model, chunk by chunk
+            merge_stores(filled, store, client=client)
             summary.checkpoints += 1
         failed = False
     finally:
@@ -178,8 +123,20 @@ def _fit_shards(store: ModelStore, paths: list[str], parts: str, client, *, batc
         if failed:  # a cancelled shard still running would write its store after the removal
             wait_stopped(client, list(futures), f"padim-ooc-fit-{token}-")
         remove_tree(parts)
-    summary.n_images = store.n_images
     return summary
+
+
+def _claims(done: dict[int, tuple[FitSummary, list[bytes]]]) -> dict[int, frozenset]:
+    """Shards that hold an image (by content) that an earlier shard holds too, each with the
+    digests the shards before it keep (they are not folded in again: duplicates)."""
+    kept: set[bytes] = set()
+    again: dict[int, frozenset] = {}
+    for k in sorted(done):
+        digests = done[k][1]
+        if kept.intersection(digests):
+            again[k] = frozenset(kept)
+        kept.update(d for d in digests if d not in again.get(k, ()))
+    return again
 
 
 class _PlanEcho:
@@ -202,24 +159,25 @@ class _PlanEcho:
             print(line, file=sys.stderr, flush=True)
 
 
-def fit_shard(paths: Sequence[str], part: str, config: dict, *, device: str = "auto", batch_size: int = 32,
-              max_memory: int | None = None, model: str | None = None,
-              **options) -> tuple[FitSummary, str, str] | TaskFailure:
+def fit_shard(paths: Sequence[str], part: str, config: ModelConfig, *, model: str, options: FitOptions,
+              weights: str | None = None, claimed: frozenset = frozenset(), fresh: bool = False):
     """Fit one shard into the partial store ``part`` (a task of the sharded fit).
 
-    The worker decides its memory budget once (``max_memory``, else what it
-    has: :func:`padim_ooc.memory.default_budget`, within its Dask memory limit
-    and, on CUDA, the GPU's free memory), announces the plan it gives on the
-    :data:`PLAN_TOPIC` event topic and fits with that budget
-    (:func:`padim_ooc.fit.fit_part`, ``options`` passed on).
-
-    Skipped images are not logged on the worker: the client logs them (``summary.skipped``).
+    The worker decides its memory budget once (``options.max_memory``, else what
+    it has: :func:`padim_ooc.memory.default_budget`, within its Dask memory limit
+    and, on CUDA, the GPU's free memory), announces the plan on the
+    :data:`PLAN_TOPIC` event topic, and runs :func:`padim_ooc.fit.fold_images`
+    with the model's ledger as what is known (read here, from ``model``) and
+    ``claimed`` (what earlier shards keep) left out. An existing ``part`` is
+    resumed (a task run again after its worker was lost), unless ``fresh``.
+    A shard whose images are all unreadable gives an empty part, not an error.
+    Skipped images are not logged here: the client logs them (``summary.skipped``).
 
     Returns
     -------
-    (FitSummary, plan description, worker address), or TaskFailure
+    (FitSummary, plan description, worker address, the part's ledger digests), or TaskFailure
         A :class:`PadimError` or ``OSError`` comes back as a :class:`TaskFailure`
-        (one line; an error writing ``part`` names ``model``, default ``part``, as unchanged).
+        (one line; an error writing ``part`` names ``model`` as unchanged).
     """
     from distributed import get_worker
 
@@ -228,11 +186,22 @@ def fit_shard(paths: Sequence[str], part: str, config: dict, *, device: str = "a
     fit_log = logging.getLogger("padim_ooc")  # padim_ooc.fit's logger
     fit_log.addFilter(quiet)
     try:
-        budget = max_memory or default_budget(device)
-        plan = memory_plan(config, batch_size, budget)
+        plan = memory_plan(config, options.batch_size, options.max_memory or default_budget(options.device))
         worker.log_event(PLAN_TOPIC, {"plan": plan.describe(), "blocks": plan.blocks})
-        summary = fit_part(paths, part, config, device=device, batch_size=batch_size, max_memory=budget, **options)
-        return summary, plan.describe(), worker.address
+        known = ModelStore.open(model).ledger()
+        extractor = Extractor.from_config(config, device=options.device, weights=weights)
+        if fresh:
+            remove_tree(part)
+        store = ModelStore.open(part, writable=True) if store_exists(part) else ModelStore.create(part, config)
+        summary = FitSummary(model=part)
+        try:
+            fold_images(store, extractor, [Path(p) for p in paths], options, plan, summary, known=known,
+                        claimed=claimed)
+        finally:
+            store.close()
+        summary.n_images = store.n_images
+        digests = [bytes(row) for row in store.ledger_digests()] if store.n_images else []
+        return summary, plan.describe(), worker.address, digests
     except PadimError as err:
         cause = err.__context__
         if isinstance(cause, OSError) and str(err).startswith(f"cannot write the model store {part}"):
@@ -244,9 +213,9 @@ def fit_shard(paths: Sequence[str], part: str, config: dict, *, device: str = "a
         fit_log.removeFilter(quiet)
 
 
-def _write_failure(part: str, model: str | None, err: OSError) -> TaskFailure:
+def _write_failure(part: str, model: str, err: OSError) -> TaskFailure:
     return TaskFailure(f"cannot write the partial store {part}: {err.strerror or err}; the model "
-                       f"{model or part} is unchanged (the partial stores are removed)")
+                       f"{model} is unchanged (the partial stores are removed)")
 
 
 class _SkipFilter(logging.Filter):
@@ -260,4 +229,4 @@ class _SkipFilter(logging.Filter):
         return not (record.thread == self.thread and str(record.msg).startswith("skipped "))
 
 
-__all__ = ["fit_sharded", "fit_shard", "shard_ranges", "TaskFailure", "user_errors_as_values"]
+__all__ = ["fit_sharded", "fit_shard", "PLAN_TOPIC"]

@@ -13,6 +13,7 @@ result is delivered once, so every image is scored exactly once.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -22,9 +23,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..score import DEFAULT_SIGMA, Model, score_paths
+from ..options import Cluster, ScoreOptions
+from ..score import Model, score_images
+from ..store import ModelStore, shared_path
 from .tasks import results, shard_ranges, user_errors_as_values, worker_count
-from ..store import ModelStore, check_shareable, shared_path
 
 # images per scoring shard at most, and bytes of float16 maps one shard returns at most
 SCORE_SHARD_IMAGES = 256
@@ -67,16 +69,15 @@ def forget_models() -> None:
         _models.clear()
 
 
-def score_part(model: str, paths: Sequence[str], first: int, **options):
+def score_part(model: str, paths: Sequence[str], first: int, options: ScoreOptions, weights: str | None = None):
     """Score one shard (a task): :func:`score_part_of`; a :class:`PadimError` or ``OSError``
-    comes back as a :class:`padim_ooc.shards.TaskFailure` (no traceback in the worker's log)."""
-    return user_errors_as_values(score_part_of, model, paths, first, **options)
+    comes back as a :class:`padim_ooc.parallel.tasks.TaskFailure` (no traceback in the worker's log)."""
+    return user_errors_as_values(score_part_of, model, paths, first, options, weights)
 
 
-def score_part_of(model: str, paths: Sequence[str], first: int, *, batch_size: int = 32,
-                  sigma: float = DEFAULT_SIGMA, maps: bool = False, on_error: str = "skip",
-                  device: str = "auto", weights: str | None = None):
-    """Score one shard with the worker's copy of the model, in batches.
+def score_part_of(model: str, paths: Sequence[str], first: int, options: ScoreOptions, weights: str | None = None):
+    """Score one shard with the worker's copy of the model, in batches
+    (:func:`padim_ooc.score.score_images`, decoding in the task).
 
     Returns
     -------
@@ -86,38 +87,37 @@ def score_part_of(model: str, paths: Sequence[str], first: int, *, batch_size: i
     maps : ndarray of shape (k, crop, crop), float16, or None
     bad : list of (index, error)
     """
-    m = worker_model(model, device=device, weights=weights)
+    m = worker_model(model, device=options.device, weights=weights)
     idx, scores, out_maps = [], [], []
 
     def on_batch(indices, batch_scores, batch_maps):
         idx.extend(indices)
         scores.append(batch_scores)
-        if maps:
+        if options.maps:
             out_maps.append(batch_maps.astype(np.float16))
 
-    bad = score_paths(m, [Path(p) for p in paths], batch_size=batch_size, sigma=sigma,
-                      loader_workers=0, on_error=on_error, on_batch=on_batch)
+    bad = score_images(m, [Path(p) for p in paths], options, on_batch)
     crop = m.attrs["crop"]
     return (first + np.asarray(idx, dtype=np.int64),
             np.concatenate(scores) if scores else np.zeros(0, np.float32),
-            (np.concatenate(out_maps) if out_maps else np.zeros((0, crop, crop), np.float16)) if maps else None,
+            (np.concatenate(out_maps) if out_maps else np.zeros((0, crop, crop), np.float16)) if options.maps else None,
             [(first + i, err) for i, err in bad])
 
 
-def score_sharded(model: str | os.PathLike, paths: Sequence[str | os.PathLike], client, *,
-                  batch_size: int = 32, sigma: float = DEFAULT_SIGMA, maps: bool = False,
-                  on_error: str = "skip", device: str = "auto", weights: str | None = None,
-                  shards: int | None = None, max_shard_images: int | None = None,
+def score_sharded(store: ModelStore, paths: Sequence[str | os.PathLike], client, options: ScoreOptions, *,
+                  weights: str | None = None, shards: int | None = None, max_shard_images: int | None = None,
                   on_result: Callable[[np.ndarray, np.ndarray, np.ndarray | None], None] | None = None):
-    """Score image files on a Dask cluster, one task per shard of the list.
+    """Score image files with the finalized model of ``store`` on a Dask cluster, one task per
+    shard of the list.
 
     ``on_result(indices, scores, maps)`` is called once per shard as it
     finishes (indices into ``paths``; maps float16 or None). A shard whose
     worker dies is run again elsewhere, and its result is still delivered once,
     so every image is scored exactly once. Returns the ``(index, error)`` of
-    images that could not be read. Shards start at multiples of
-    ``batch_size``: the batches, and so the scores, are those of the
-    one-process :func:`padim_ooc.score.score_paths`.
+    images that could not be read. Shards start at multiples of the batch
+    size: the batches are those of the one-process
+    :func:`padim_ooc.score.score_images` (the scores agree with its scores to
+    float32 rounding: other processes, other thread counts).
 
     Shards: ``shards`` of them (default two per worker), or more so that none
     holds more than ``max_shard_images`` images (default
@@ -128,14 +128,12 @@ def score_sharded(model: str | os.PathLike, paths: Sequence[str | os.PathLike], 
     """
     from distributed import as_completed
 
-    model = shared_path(model)
-    check_shareable(model)
-    crop = ModelStore.open(model).attrs["crop"]
-    ModelStore.open(model).final_arrays()  # a clear error before any task runs
+    model = store.path
+    task_options = dataclasses.replace(options, progress=False, loader_workers=0, cluster=Cluster())
     paths = [shared_path(p) for p in paths]
     workers = worker_count(client)
-    cap = max_shard_images or score_shard_size(crop, maps)
-    ranges = shard_ranges(len(paths), batch_size, shards or SCORE_SHARDS_PER_WORKER * workers, max_size=cap)
+    cap = max_shard_images or score_shard_size(store.attrs["crop"], options.maps)
+    ranges = shard_ranges(len(paths), options.batch_size, shards or SCORE_SHARDS_PER_WORKER * workers, max_size=cap)
     token = uuid.uuid4().hex[:8]
     todo = iter(enumerate(ranges))
     futures: dict = {}
@@ -144,8 +142,7 @@ def score_sharded(model: str | os.PathLike, paths: Sequence[str | os.PathLike], 
     def submit_next() -> None:
         k, (a, b) = next(todo, (None, (0, 0)))
         if k is not None:
-            fut = client.submit(score_part, model, paths[a:b], a, batch_size=batch_size, sigma=sigma, maps=maps,
-                                on_error=on_error, device=device, weights=weights,
+            fut = client.submit(score_part, model, paths[a:b], a, task_options, weights,
                                 key=f"padim-ooc-score-{token}-{k}")
             futures[fut] = k
             running.add(fut)

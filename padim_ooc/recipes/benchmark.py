@@ -87,7 +87,7 @@ def benchmark_mvtec(root: str | os.PathLike, out: str | os.PathLike, extractor: 
     for k in METRICS:
         vals = [r[k] for r in rows if r[k] is not None]
         mean[k], counts[k] = (float(np.mean(vals)) if vals else None), len(vals)
-    result = {"root": os.fsdecode(root), "preset": preset, "model": extractor.config() | {"channels": None},
+    result = {"root": os.fsdecode(root), "preset": preset, "model": extractor.config().to_attrs() | {"channels": None},
               "rows": rows, "mean": mean, "mean_counts": counts,
               "paper": PAPER_MVTEC_MEAN.get(preset) if preset else None,
               "overrides": overrides(extractor, preset) if preset else []}
@@ -101,14 +101,14 @@ def overrides(extractor: Extractor, preset: str) -> list[str]:
     if want is None:
         return []
     out = []
-    if extractor.backbone != want["backbone"]:
-        out.append(f"backbone {extractor.backbone} (preset: {want['backbone']})")
-    paper_dims = want["dims"] or sum(extractor.layer_channels)
+    if extractor.backbone != want.backbone:
+        out.append(f"backbone {extractor.backbone} (preset: {want.backbone})")
+    paper_dims = want.dims or sum(extractor.layer_channels)
     if extractor.dims != paper_dims:
         out.append(f"{extractor.dims} channels (preset: {paper_dims})")
     for name in ("resize", "crop"):
-        if getattr(extractor.preprocess, name) != want[name]:
-            out.append(f"{name} {getattr(extractor.preprocess, name)} (preset: {want[name]})")
+        if getattr(extractor.preprocess, name) != getattr(want, name):
+            out.append(f"{name} {getattr(extractor.preprocess, name)} (preset: {getattr(want, name)})")
     note = _weights_override(extractor, weights_for(want, extractor.backbone))
     if note:
         out.append(note)

@@ -67,7 +67,7 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
 
     options = preset("lite0")
     # the backbone first: a missing package of the extra stops the demo before it writes anything
-    extractor = Extractor(options["backbone"], dims=options["dims"], weights=options["weights"],
+    extractor = Extractor(options.backbone, dims=options.dims, weights=options.weights,
                           resize=resize, crop=crop or resize, device=device, seed=seed)
     out = Path(out_dir)
     model_path = out / "model.zarr"

@@ -32,9 +32,10 @@ import zarr
 
 from .. import __version__
 from . import lock
-from .chunks import (ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, check_shareable, empty_folder, fsync, is_url as _is_url,
+from .chunks import (ATTR_KEY, COMPLETE_KEY, empty_folder, fsync, is_url as _is_url,
                      live_names, open_checked, remove_leftovers, pause_point, read_array, shared_path, sync_tree, wait_for_zarr_writes,
                      write_array)
+from ..config import ModelConfig
 from ..errors import PadimError
 from ..welford import Moments
 
@@ -81,6 +82,7 @@ class ModelStore:
         self.writable = writable
         self.attrs = self._read_attrs()
         self._unlock = None
+        self._final: tuple[str, tuple[zarr.Array, zarr.Array]] | None = None
 
     def _hold_lock(self) -> "ModelStore":
         # the writer's lock (taken before opening) is given back by close() or when this object goes
@@ -101,8 +103,8 @@ class ModelStore:
 
     # ---- opening -------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, config: dict[str, Any]) -> "ModelStore":
-        """A new, empty store for the extractor ``config``; fails if one exists.
+    def create(cls, path: str | os.PathLike, config: ModelConfig | dict[str, Any]) -> "ModelStore":
+        """A new, empty store for a fitted record ``config`` (an extractor's); fails if one exists.
 
         Takes the writer's lock (see :mod:`padim_ooc.lock`) for as long as the
         returned object lives (or until :meth:`close`).
@@ -117,7 +119,7 @@ class ModelStore:
             raise
 
     @classmethod
-    def _create(cls, path: str, config: dict[str, Any]) -> "ModelStore":
+    def _create(cls, path: str, config: ModelConfig | dict[str, Any]) -> "ModelStore":
         if not _is_url(path) and os.path.exists(path):
             names = set(os.listdir(path)) - {lock.LOCK_NAME}
             partial = {n for n in names if n.endswith(".partial")}  # a creation that was killed
@@ -125,10 +127,11 @@ class ModelStore:
                 raise PadimError(f"{path} exists and is not a padim_ooc model; choose another --model path")
             for name in partial:
                 os.unlink(os.path.join(path, name))
+        config = ModelConfig.of(config)
         attrs = {
             "schema_version": SCHEMA_VERSION,
             "library_version": __version__,
-            **config,
+            **config.to_attrs(),
             "n_images": 0,
             "seq": 0,
             "state": None,
@@ -137,7 +140,7 @@ class ModelStore:
             "final": None,
             "finals": 0,
             "eps": None,
-            "chunk_positions": positions_per_chunk(config["dims"]),
+            "chunk_positions": positions_per_chunk(config.dims),
         }
         try:  # group and attributes in one write: a store is never seen without its attributes
             group = zarr.create_group(path, overwrite=_is_url(path), attributes={ATTR_KEY: attrs},
@@ -204,11 +207,9 @@ class ModelStore:
         return self.attrs["grid"][0] * self.attrs["grid"][1]
 
     @property
-    def config(self) -> dict[str, Any]:
-        """The extractor configuration the model was fitted with."""
-        keys = ("backbone", "layers", "layer_channels", "channels", "dims", "seed", "weights",
-                "weights_digest", "resize", "crop", "normalize_mean", "normalize_std", "grid")
-        return {k: self.attrs[k] for k in keys}
+    def config(self) -> ModelConfig:
+        """The record of the configuration the model was fitted with."""
+        return ModelConfig.from_attrs(self.attrs)
 
     def _array(self, group: str | None, name: str) -> zarr.Array:
         """The live array ``group/name``, checked (:func:`padim_ooc.chunks.open_checked`):
@@ -234,7 +235,10 @@ class ModelStore:
         """(mean float32 (P, d), precision float32 (P, d, d)) of a finalized model."""
         if not self.attrs["finalized"]:
             raise PadimError(f"the model {self.path} is not finalized: run `padim-ooc finalize {self.path}` first")
-        return self._array(self.attrs["final"], "mean"), self._array(self.attrs["final"], "precision")
+        name = self.attrs["final"]
+        if self._final is None or self._final[0] != name:  # opened and checked once per finalization
+            self._final = (name, (self._array(name, "mean"), self._array(name, "precision")))
+        return self._final[1]
 
     def load_moments(self, *, device: str | torch.device = "cpu", start: int = 0,
                      stop: int | None = None) -> Moments:

@@ -1,0 +1,179 @@
+"""How a run goes (not what it fits): the options of a fit and of a score, checked once.
+
+Each record is built where options enter (the command line or the API) and checked
+there, in ``__post_init__``; the pipelines take it whole and trust it. What decides
+the features is not here: that is :class:`padim_ooc.config.ModelConfig`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PadimError
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_EPS = 0.01
+DEFAULT_SIGMA = 4.0
+ON_ERROR = ("skip", "fail")
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_eps(eps: float) -> float:
+    """``eps`` if it is a finite number >= 0, else a one-line :class:`PadimError`."""
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
+        raise PadimError(f"eps must be a finite number >= 0 (e.g. 0.01), got {eps!r}")
+    return eps
+
+
+def eps_for(stored: dict, eps: float | None) -> float:
+    """The eps to finalize with: ``eps`` if given, else the model's current eps
+    (``stored["eps"]``), else :data:`DEFAULT_EPS` (0.01) for a model never finalized.
+    What ``fit``, ``merge`` and ``finalize`` all use."""
+    if eps is not None:
+        return eps
+    return DEFAULT_EPS if stored.get("eps") is None else stored["eps"]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where the parallel part of a run goes: this process (the default), a local Dask
+    cluster of ``workers`` processes, an existing scheduler, or a ``distributed.Client``;
+    ``shards``: how many shards a sharded fit makes (default: one per worker)."""
+
+    workers: int | None = None
+    scheduler: str | None = None
+    client: Any = field(default=None, compare=False)
+    shards: int | None = None
+
+    def __post_init__(self):
+        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
+            raise PadimError(f"--workers must be at least 1, got {self.workers}")
+        if self.workers is not None and self.workers > 1 and self.scheduler:
+            raise PadimError("give either --workers (a local cluster) or --scheduler (an existing one), not both")
+        if self.shards is not None and self.shards < 1:
+            raise PadimError(f"shards must be at least 1, got {self.shards}")
+        if self.scheduler and "://" not in self.scheduler:
+            raise PadimError(f"--scheduler expects an address like tcp://HOST:8786, got {self.scheduler!r}")
+
+    @property
+    def wanted(self) -> bool:
+        """Whether a Dask cluster is asked for (``workers=1`` alone runs in this process)."""
+        return bool(self.scheduler) or (self.workers or 0) > 1 or self.client is not None
+
+    def open(self, *paths: str):
+        """A context manager giving the ``distributed.Client`` of the run, or None.
+
+        ``paths`` (stores and outputs the workers will use) are checked first: a
+        ``memory://`` path, which workers cannot reach, is refused before a cluster starts.
+        """
+        if not self.wanted:
+            return nullcontext(None)
+        from .store import check_shareable, shared_path
+
+        check_shareable(*(shared_path(p) for p in paths))
+        if self.client is not None:
+            return nullcontext(self.client)
+        from .parallel.client import open_client
+
+        return open_client(self.workers, self.scheduler)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Options of every run that reads images.
+
+    Parameters
+    ----------
+    batch_size : int
+        Images per forward pass (>= 1).
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether the GPU exists is checked
+        where the backbone is built: a cluster's workers may have one).
+    loader_workers : int, optional
+        Decoding processes (None: :func:`padim_ooc.data.default_workers`).
+    on_error : {'skip', 'fail'}
+        An unreadable image is skipped (warned and counted) or stops the run.
+    progress : bool
+        Progress bars and plan lines on stderr.
+    cluster : Cluster
+        Where the parallel part runs.
+    """
+
+    batch_size: int = DEFAULT_BATCH_SIZE
+    device: str = "auto"
+    loader_workers: int | None = None
+    on_error: str = "skip"
+    progress: bool = False
+    cluster: Cluster = field(default_factory=Cluster)
+
+    def __post_init__(self):
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise PadimError(f"batch size must be at least 1, got {self.batch_size}")
+        if not _DEVICE.fullmatch(str(self.device).strip()):
+            raise PadimError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N (N a GPU index)")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise PadimError(f"loader workers must be 0 or more, got {self.loader_workers}")
+        if self.on_error not in ON_ERROR:
+            raise PadimError(f"--on-error must be skip or fail, not {self.on_error!r}")
+
+
+@dataclass(frozen=True)
+class FitOptions(RunOptions):
+    """Options of a fit (:class:`RunOptions`, and):
+
+    Parameters
+    ----------
+    checkpoint_every : int, optional
+        Images between checkpoints (None: every 1000 images, spaced so that
+        writing them takes at most 2 % of the time).
+    max_memory : int, optional
+        Memory budget in bytes of each fitting process (None: the available
+        memory with a margin); positions are fitted in blocks if needed.
+    finalize : bool
+        Compute the precision matrices at the end.
+    eps : float, optional
+        Added to the covariance diagonal at finalize (None: the model's eps,
+        0.01 for a model never finalized).
+    """
+
+    checkpoint_every: int | None = None
+    max_memory: int | None = None
+    finalize: bool = True
+    eps: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise PadimError(f"checkpoint interval must be at least 1 image, got {self.checkpoint_every}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise PadimError(f"the memory budget must be positive, got {self.max_memory}")
+        if self.eps is not None:
+            check_eps(self.eps)
+
+
+@dataclass(frozen=True)
+class ScoreOptions(RunOptions):
+    """Options of a score (:class:`RunOptions`, and):
+
+    Parameters
+    ----------
+    sigma : float
+        Gaussian blur of the maps in pixels (4 as in the paper; 0: none).
+    maps : bool
+        Whether the maps are wanted (written, or returned).
+    """
+
+    sigma: float = DEFAULT_SIGMA
+    maps: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma >= 0):
+            raise PadimError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
+
+
+__all__ = ["Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "eps_for", "DEFAULT_BATCH_SIZE",
+           "DEFAULT_EPS", "DEFAULT_SIGMA"]
