@@ -1,0 +1,138 @@
+"""Tests of padim_ooc.calibration against direct computations (sorting and counting), sklearn's
+curves, and the coverage the conformal method promises (binomial bounds over many seeds)."""
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from padim_ooc.calibration import conformal_threshold, p_values
+from padim_ooc.errors import PadimError
+
+# a seeded test that fails with probability below this under the claimed bound is a real failure
+TAIL = 1e-4
+
+
+def reference_threshold(scores, alpha):
+    """The k-th smallest score (1-based), k = ceil((n + 1)(1 - alpha)), by sorting."""
+    k = math.ceil(round((len(scores) + 1) * (1 - alpha), 9))
+    return float(np.sort(scores)[k - 1])
+
+
+def reference_p_values(calibration, scores):
+    """(1 + number of calibration scores >= s) / (n + 1), counted one by one."""
+    n = len(calibration)
+    return np.array([(1 + sum(1 for c in calibration if c >= s)) / (n + 1) for s in scores])
+
+
+def one_line_error(call, *words):
+    """Run ``call``, expect a PadimError of one line that contains every word; return it."""
+    with pytest.raises(PadimError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+# ---------------------------------------------------------------- conformal threshold, p-values
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("alpha", [0.01, 0.05, 0.1, 0.2, 0.3, 0.5])
+@pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])
+def test_conformal_threshold_is_the_rank_from_sorting(seed, alpha, ties):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(math.ceil(1 / alpha) - 1, 300))
+    scores = rng.integers(0, 8, n).astype(float) if ties else rng.gamma(2.0, size=n)
+    assert conformal_threshold(scores, alpha) == reference_threshold(scores, alpha)
+
+
+def test_conformal_threshold_exact_ranks():
+    # (n + 1)(1 - alpha) is an integer here: floating point must not round it up a rank
+    scores = np.arange(1.0, 101.0)[::-1]
+    assert conformal_threshold(scores[:19], 0.05) == 100.0  # k = ceil(20 * 0.95) = 19 of 19
+    assert conformal_threshold(np.arange(1.0, 30.0), 0.1) == 27.0  # k = ceil(30 * 0.9) = 27
+    assert conformal_threshold(np.arange(1.0, 10.0), 0.3) == 7.0   # k = ceil(10 * 0.7) = 7
+    assert conformal_threshold(np.arange(1.0, 100.0), 0.05) == 95.0
+
+
+@pytest.mark.parametrize("n, alpha", [(0, 0.5), (18, 0.05), (50, 0.01), (8, 0.1), (1, 0.4)])
+def test_too_few_images_names_the_smallest_alpha_and_the_count_needed(n, alpha):
+    scores = np.linspace(0, 1, n)
+    if n == 0:
+        one_line_error(lambda: conformal_threshold(scores, alpha), "no calibration scores")
+        return
+    needed = math.ceil(round(1 / alpha, 9)) - 1
+    one_line_error(lambda: conformal_threshold(scores, alpha),
+                   f"at least {needed} calibration images", f"{1 / (n + 1):.4g}", "1/(n+1)")
+    conformal_threshold(np.linspace(0, 1, needed), alpha)  # that many are enough
+
+
+@pytest.mark.parametrize("alpha", [0, 1, 0.0, 1.0, -0.1, 1.5, float("nan"), float("inf"),
+                                   "text", "0.05", True, False, None, [0.05]])
+def test_bad_alpha_is_a_one_line_error(alpha):
+    one_line_error(lambda: conformal_threshold(np.arange(100.0), alpha), "alpha")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_calibration_scores_are_counted(bad):
+    scores = np.arange(50.0)
+    scores[[3, 7]] = bad
+    one_line_error(lambda: conformal_threshold(scores, 0.1), "2 of the 50")
+    one_line_error(lambda: p_values(scores, [1.0]), "2 of the 50")
+
+
+def test_calibration_scores_must_be_one_per_image():
+    one_line_error(lambda: conformal_threshold(np.zeros((10, 10)), 0.1), "1-D", "(10, 10)")
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])
+def test_p_values_count_like_the_definition(seed, ties):
+    rng = np.random.default_rng(seed)
+    n, m = int(rng.integers(1, 200)), int(rng.integers(1, 200))
+    if ties:
+        calibration, scores = rng.integers(0, 10, n).astype(float), rng.integers(-1, 12, m) * 1.0
+    else:
+        calibration, scores = rng.normal(size=n), rng.normal(size=m)
+        scores[: m // 4] = calibration[rng.integers(0, n, m // 4)]  # exact ties, too
+    got = p_values(calibration, scores)
+    assert got.shape == (m,) and got.dtype == np.float64
+    np.testing.assert_array_equal(got, reference_p_values(calibration, scores))
+
+
+def test_p_values_ends_and_bad_scores():
+    calibration = np.arange(9.0)
+    np.testing.assert_array_equal(p_values(calibration, [np.inf, 100, 8, -np.inf]),
+                                  [0.1, 0.1, 0.2, 1.0])
+    one_line_error(lambda: p_values(calibration, [1.0, np.nan]), "1 of the 2", "NaN")
+
+
+# ---------------------------------------------------------------- coverage over many seeds
+
+TRIALS, N_CAL = 2000, 99
+
+
+@pytest.fixture(scope="module")
+def normal_trials():
+    """TRIALS calibration sets of N_CAL normal scores and one fresh normal score per trial
+    (one per trial, so the alarm count is binomial), all from the same distribution."""
+    rng = np.random.default_rng(20240611)
+    return rng.lognormal(size=(TRIALS, N_CAL)), rng.lognormal(size=TRIALS)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1])
+def test_false_alarm_rate_on_fresh_normals_is_at_most_alpha(normal_trials, alpha):
+    calibration, fresh = normal_trials
+    alarms = sum(fresh[t] > conformal_threshold(calibration[t], alpha) for t in range(TRIALS))
+    assert alarms <= binom.isf(TAIL, TRIALS, alpha)
+    # and not trivially conservative: the exact rate is at least alpha - 1/(n + 1)
+    assert alarms >= binom.ppf(TAIL, TRIALS, alpha - 1 / (N_CAL + 1))
+
+
+def test_p_values_of_fresh_normals_are_super_uniform(normal_trials):
+    calibration, fresh = normal_trials
+    p = np.array([p_values(calibration[t], fresh[t:t + 1])[0] for t in range(TRIALS)])
+    for a in (0.01, 0.05, 0.1):
+        assert np.count_nonzero(p <= a) <= binom.isf(TAIL, TRIALS, a), a
