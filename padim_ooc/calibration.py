@@ -8,13 +8,19 @@ conformal threshold this is what bounds the false-alarm rate by ``alpha`` (see
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
 from fractions import Fraction
+from functools import cached_property
 
 import numpy as np
 
 from .errors import PadimError
 
-__all__ = ["conformal_threshold", "p_values"]
+__all__ = ["Calibration", "calibrate_normal", "conformal_threshold", "p_values"]
+
+ANOMALOUS, NORMAL = "anomalous", "normal"
+CONFORMAL = "conformal"
 
 
 def _exact(value: float) -> Fraction:
@@ -137,3 +143,216 @@ def p_values(calibration_scores, scores) -> np.ndarray:
     """
     ordered = np.sort(_check_scores(calibration_scores))
     return _p_values_sorted(ordered, scores)
+
+
+LABELLED_RULES = "'f1', 'youden' or 'recall:R' with R in (0, 1], e.g. recall:1.0"
+
+
+def _parse_rule(rule, prefix: str = "") -> tuple[str, Fraction | None]:
+    """A labelled rule's canonical name and, for ``recall:R``, R as an exact fraction."""
+    text = rule.strip().lower() if isinstance(rule, str) else None
+    if text in ("f1", "youden"):
+        return text, None
+    if text is not None and text.startswith("recall:"):
+        try:
+            floor = float(text[len("recall:"):])
+        except ValueError:
+            floor = math.nan
+        if math.isfinite(floor) and 0 < floor <= 1:
+            return f"recall:{floor!r}", _exact(floor)
+        raise PadimError(f"{prefix}the recall floor of rule {rule!r} must be a number in (0, 1], "
+                         f"e.g. recall:1.0 (miss no defect) or recall:0.95")
+    raise PadimError(f"{prefix}unknown calibration rule {rule!r}; expected {LABELLED_RULES}")
+
+
+def _check_new_scores(scores) -> np.ndarray:
+    """Scores of images to decide on, as float64 (any shape); NaN is a one-line PadimError."""
+    scores = np.asarray(scores, dtype=np.float64)
+    bad = int(np.count_nonzero(np.isnan(scores)))
+    if bad:
+        raise PadimError(f"{bad} of the {scores.size} scores are NaN; an image that could not "
+                         f"be scored has no decision")
+    return scores
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _bad(name: str, expected: str, value) -> PadimError:
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return PadimError(f"bad calibration: {name} must be {expected}; got {shown} "
+                      f"({type(value).__name__}); calibrate the model again")
+
+
+def _number(name: str, value, *, optional: bool = False) -> float | None:
+    """``value`` as a finite float (Python or numpy real, not a bool), or None if optional."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                      np.floating)):
+        raise _bad(name, "a number" + (" or null" if optional else ""), value)
+    if not math.isfinite(value):
+        raise _bad(name, "finite", value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A decision rule learned from calibration images: threshold, p-values, labels.
+
+    An image is anomalous when its score is strictly greater than ``threshold``; a pixel when
+    its map value is strictly greater than ``pixel_threshold`` (the image threshold where that
+    is None, so a normal-looking image has an empty mask). The strict ``>`` is what the
+    conformal guarantee is about: with ``threshold = conformal_threshold(scores, alpha)``,
+    ``P(score of a new normal image > threshold) <= alpha``; ``>=`` would flag a new normal
+    image tied with the threshold, which has no such bound. The labelled rules' thresholds
+    are chosen for the same ``>`` (see :func:`calibrate_labelled`).
+
+    Attributes
+    ----------
+    rule : str
+        ``"conformal"``, ``"f1"``, ``"youden"`` or ``"recall:R"``.
+    alpha : float or None
+        The false-alarm rate asked of the conformal rule; None for the labelled rules.
+    n : int
+        Number of calibration images (normal and defective ones for the labelled rules).
+    threshold : float
+        Image threshold.
+    pixel_threshold : float or None
+        Pixel threshold of the anomaly maps; None: the image threshold.
+    scores : tuple of float, shape (n_normal,)
+        The sorted scores of the normal calibration images (all n for the conformal rule);
+        p-values are computed against them.
+    created : str
+        When the calibration was made, ISO 8601.
+    stale : bool, default=False
+        True once the statistics changed after the calibration (its scores then come from
+        another model).
+    """
+
+    rule: str
+    alpha: float | None
+    n: int
+    threshold: float
+    pixel_threshold: float | None
+    scores: tuple = field(repr=False)
+    created: str
+    stale: bool = False
+
+    def __post_init__(self):
+        put = object.__setattr__
+        if not isinstance(self.rule, str):
+            raise _bad("rule", "a string", self.rule)
+        rule = self.rule
+        if rule != CONFORMAL:
+            rule = _parse_rule(rule, "bad calibration: ")[0]
+        put(self, "rule", rule)
+        if rule == CONFORMAL:
+            if self.alpha is None:
+                raise _bad("alpha", "a number in (0, 1) for the conformal rule", self.alpha)
+            try:
+                _check_alpha(self.alpha)
+            except PadimError:
+                raise _bad("alpha", "a number in (0, 1)", self.alpha) from None
+            put(self, "alpha", float(self.alpha))
+        elif self.alpha is not None:
+            raise _bad("alpha", f"null for the {rule} rule", self.alpha)
+        if isinstance(self.n, (bool, np.bool_)) or not isinstance(self.n, (int, np.integer)) \
+                or self.n < 1:
+            raise _bad("n", "a positive integer", self.n)
+        put(self, "n", int(self.n))
+        put(self, "threshold", _number("threshold", self.threshold))
+        put(self, "pixel_threshold", _number("pixel_threshold", self.pixel_threshold,
+                                             optional=True))
+        if isinstance(self.scores, (str, bytes, dict)) or not hasattr(self.scores, "__len__"):
+            raise _bad("scores", "a list of numbers", self.scores)
+        scores = tuple(_number("scores", s) for s in self.scores)
+        if any(b < a for a, b in zip(scores, scores[1:])):
+            raise _bad("scores", "sorted in increasing order", "unsorted")
+        low, high = (self.n, self.n) if rule == CONFORMAL else (1, self.n - 1)
+        if not low <= len(scores) <= high:
+            raise _bad("scores", f"{low} to {high} numbers for n={self.n} and rule {rule}",
+                       f"{len(scores)} numbers")
+        put(self, "scores", scores)
+        if not isinstance(self.created, str):
+            raise _bad("created", "an ISO 8601 time", self.created)
+        try:
+            datetime.fromisoformat(self.created)
+        except ValueError:
+            raise _bad("created", "an ISO 8601 time", self.created) from None
+        if not isinstance(self.stale, (bool, np.bool_)):
+            raise _bad("stale", "true or false", self.stale)
+        put(self, "stale", bool(self.stale))
+
+    def to_attrs(self) -> dict:
+        """The calibration as a JSON-serialisable dict (:meth:`from_attrs` reads it back)."""
+        return {f.name: list(self.scores) if f.name == "scores" else getattr(self, f.name)
+                for f in fields(self)}
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "Calibration":
+        """The calibration in ``attrs`` (as :meth:`to_attrs` wrote it), with every field checked.
+
+        Raises
+        ------
+        PadimError
+            One line naming the first missing, unknown or mistyped field.
+        """
+        if not isinstance(attrs, dict):
+            raise _bad("the calibration record", "a mapping", attrs)
+        names = [f.name for f in fields(cls)]
+        missing = [k for k in names if k not in attrs and k != "stale"]
+        unknown = sorted(map(str, set(attrs) - set(names)))
+        if missing or unknown:
+            raise PadimError("bad calibration: " + "; ".join(
+                part for part in (missing and f"missing {', '.join(missing)}",
+                                  unknown and f"unknown {', '.join(unknown)}") if part)
+                + "; calibrate the model again")
+        if not isinstance(attrs["scores"], (list, tuple)):
+            raise _bad("scores", "a list of numbers", attrs["scores"])
+        return cls(**attrs)
+
+    @cached_property
+    def _ordered(self) -> np.ndarray:
+        return np.asarray(self.scores, dtype=np.float64)
+
+    def p_values(self, scores) -> np.ndarray:
+        """Conformal p-values of ``scores`` (any shape) against the normal calibration scores;
+        see :func:`p_values`."""
+        return _p_values_sorted(self._ordered, scores)
+
+    def labels(self, scores) -> np.ndarray:
+        """``"anomalous"`` where score > threshold, else ``"normal"``; same shape as ``scores``.
+
+        NaN scores are a PadimError (an image that could not be scored is neither).
+        """
+        return np.where(_check_new_scores(scores) > self.threshold, ANOMALOUS, NORMAL)
+
+    def masks(self, maps) -> np.ndarray:
+        """Boolean defect masks: map > pixel threshold (the image threshold where it is None)."""
+        cut = self.threshold if self.pixel_threshold is None else self.pixel_threshold
+        return np.asarray(maps) > cut
+
+
+def calibrate_normal(scores, alpha) -> Calibration:
+    """Split-conformal calibration on normal images the statistics never saw.
+
+    Parameters
+    ----------
+    scores : array-like of shape (n,)
+        Image scores of the calibration images; finite.
+    alpha : float
+        Allowed false-alarm rate on new normal images, in (0, 1).
+
+    Returns
+    -------
+    Calibration
+        Rule ``"conformal"``, threshold :func:`conformal_threshold` of the scores, the sorted
+        scores for p-values, no pixel threshold (masks use the image threshold).
+    """
+    threshold = conformal_threshold(scores, alpha)
+    ordered = np.sort(_check_scores(scores))
+    return Calibration(rule=CONFORMAL, alpha=float(alpha), n=int(ordered.size),
+                       threshold=threshold, pixel_threshold=None,
+                       scores=tuple(ordered.tolist()), created=_now())

@@ -1,12 +1,15 @@
 """Tests of padim_ooc.calibration against direct computations (sorting and counting), sklearn's
 curves, and the coverage the conformal method promises (binomial bounds over many seeds)."""
+import dataclasses
+import json
 import math
+from datetime import datetime
 
 import numpy as np
 import pytest
 from scipy.stats import binom
 
-from padim_ooc.calibration import conformal_threshold, p_values
+from padim_ooc.calibration import Calibration, calibrate_normal, conformal_threshold, p_values
 from padim_ooc.errors import PadimError
 
 # a seeded test that fails with probability below this under the claimed bound is a real failure
@@ -136,3 +139,56 @@ def test_p_values_of_fresh_normals_are_super_uniform(normal_trials):
     p = np.array([p_values(calibration[t], fresh[t:t + 1])[0] for t in range(TRIALS)])
     for a in (0.01, 0.05, 0.1):
         assert np.count_nonzero(p <= a) <= binom.isf(TAIL, TRIALS, a), a
+
+
+# ---------------------------------------------------------------- the Calibration record
+
+def test_calibrate_normal_decides_with_strict_greater():
+    scores = np.random.default_rng(3).integers(0, 20, 199).astype(float)
+    cal = calibrate_normal(scores, 0.1)
+    assert (cal.rule, cal.alpha, cal.n, cal.pixel_threshold, cal.stale) == \
+        ("conformal", 0.1, 199, None, False)
+    assert cal.threshold == reference_threshold(scores, 0.1)
+    assert list(cal.scores) == sorted(scores)
+    new = np.array([cal.threshold - 1, cal.threshold, cal.threshold + 0.5, np.inf])
+    assert cal.labels(new).tolist() == ["normal", "normal", "anomalous", "anomalous"]
+    np.testing.assert_array_equal(cal.p_values(new), reference_p_values(scores, new))
+    assert cal.labels(new.reshape(2, 2)).shape == (2, 2)
+    maps = np.array([[cal.threshold, cal.threshold + 1]])
+    assert cal.masks(maps).tolist() == [[False, True]]
+    one_line_error(lambda: cal.labels([np.nan]), "NaN")
+    datetime.fromisoformat(cal.created)
+
+
+def test_attrs_round_trip_through_json():
+    cal = calibrate_normal(np.random.default_rng(4).normal(size=57), 0.05)
+    attrs = json.loads(json.dumps(cal.to_attrs()))
+    assert Calibration.from_attrs(attrs) == cal
+    stale = dataclasses.replace(cal, stale=True, pixel_threshold=2.5)
+    assert Calibration.from_attrs(json.loads(json.dumps(stale.to_attrs()))) == stale
+    del attrs["stale"]  # optional, False
+    assert Calibration.from_attrs(attrs) == cal
+
+
+@pytest.mark.parametrize("key, value", [
+    ("n", "57"), ("n", 57.0), ("n", True), ("n", 0), ("n", 56),
+    ("threshold", "1.5"), ("threshold", None), ("threshold", False),
+    ("pixel_threshold", "1.5"), ("alpha", "0.05"), ("alpha", None), ("alpha", 1.5),
+    ("alpha", True), ("rule", 3), ("rule", "conformal-ish"), ("rule", "recall:2"),
+    ("scores", "1,2,3"), ("scores", {"a": 1}), ("scores", [1, "2"]), ("scores", [3.0, 1.0]),
+    ("scores", [True] * 57), ("created", 20240611), ("created", "yesterday"),
+    ("stale", "false"), ("stale", 0),
+])
+def test_from_attrs_rejects_retyped_fields(key, value):
+    cal = calibrate_normal(np.random.default_rng(4).normal(size=57), 0.05)
+    attrs = json.loads(json.dumps(cal.to_attrs()))
+    attrs[key] = value
+    one_line_error(lambda: Calibration.from_attrs(attrs), "bad calibration", key)
+
+
+def test_from_attrs_rejects_missing_and_unknown_keys():
+    attrs = calibrate_normal(np.arange(30.0), 0.1).to_attrs()
+    one_line_error(lambda: Calibration.from_attrs({**attrs, "extra": 1}), "unknown extra")
+    del attrs["threshold"]
+    one_line_error(lambda: Calibration.from_attrs(attrs), "missing threshold")
+    one_line_error(lambda: Calibration.from_attrs([1, 2]), "bad calibration")
