@@ -15,9 +15,12 @@ from functools import cached_property
 
 import numpy as np
 
+from sklearn.metrics import precision_recall_curve, roc_curve
+
 from .errors import PadimError
 
-__all__ = ["Calibration", "calibrate_normal", "conformal_threshold", "p_values"]
+__all__ = ["Calibration", "calibrate_labelled", "calibrate_normal", "conformal_threshold",
+           "p_values"]
 
 ANOMALOUS, NORMAL = "anomalous", "normal"
 CONFORMAL = "conformal"
@@ -356,3 +359,109 @@ def calibrate_normal(scores, alpha) -> Calibration:
     return Calibration(rule=CONFORMAL, alpha=float(alpha), n=int(ordered.size),
                        threshold=threshold, pixel_threshold=None,
                        scores=tuple(ordered.tolist()), created=_now())
+
+
+def _check_labelled(labels, scores, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Labels as bool (True: defective) and finite float64 scores of the same length."""
+    labels, scores = np.ravel(labels), np.ravel(np.asarray(scores, dtype=np.float64))
+    if labels.shape != scores.shape:
+        raise PadimError(f"{what} labels and scores must be as many; got {labels.size} labels "
+                         f"and {scores.size} scores")
+    if labels.dtype != bool:
+        if not np.isin(labels, (0, 1)).all():
+            raise PadimError(f"{what} labels must be 0 (normal) or 1 (defective); got values "
+                             f"{np.unique(labels)[:5].tolist()}")
+        labels = labels.astype(bool)
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if bad:
+        raise PadimError(f"{bad} of the {scores.size} {what} scores are NaN or infinite; "
+                         f"leave those out of the calibration")
+    if labels.all() or not labels.any():
+        raise PadimError(f"labelled calibration needs both normal and defective {what}s; "
+                         f"all {labels.size} are " + ("defective" if labels.any() else "normal"))
+    return labels, scores
+
+
+def _below(scores: np.ndarray, cut: float) -> float:
+    """The threshold for ``>`` that flags exactly the scores ``>= cut``: the largest score
+    below ``cut`` (the largest score left normal), or the float just below ``cut`` if none."""
+    lower = scores[scores < cut]
+    return float(lower.max()) if lower.size else float(np.nextafter(cut, -np.inf))
+
+
+def _f1_cut(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The score at which ``>=`` gives the largest F1 (precision_recall_curve's thresholds)."""
+    precision, recall, cuts = precision_recall_curve(labels, scores)
+    precision, recall = precision[:-1], recall[:-1]  # the last point (recall 0) has no cut
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
+    return float(cuts[f1.size - 1 - np.argmax(f1[::-1])])  # cuts increase: ties to the highest
+
+
+def _youden_cut(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The finite score at which ``>=`` gives the largest tpr - fpr (roc_curve's thresholds)."""
+    fpr, tpr, cuts = roc_curve(labels, scores, drop_intermediate=False)
+    youden = np.where(np.isfinite(cuts), tpr - fpr, -np.inf)  # roc_curve starts at +inf
+    return float(cuts[np.argmax(youden)])  # cuts decrease: ties to the highest
+
+
+def _recall_cut(labels: np.ndarray, scores: np.ndarray, floor: Fraction) -> float:
+    """The largest score at which ``>=`` keeps recall >= floor: the k-th largest defect score,
+    k = ceil(floor * n_defective)."""
+    defects = np.sort(scores[labels])[::-1]
+    k = math.ceil(floor * defects.size)
+    return float(defects[k - 1])
+
+
+def calibrate_labelled(labels, scores, rule, pixel=None) -> Calibration:
+    """Calibration on labelled images (normal and defective) by a rule of choice.
+
+    Each rule picks a cut c among the scores, for the comparison ``score >= c`` that sklearn's
+    curves use; the stored threshold is then the largest calibration score below c (the float
+    just below c when c is the smallest score), so that ``score > threshold``, the comparison of
+    :meth:`Calibration.labels`, flags exactly the same calibration images: the F1, tpr - fpr or
+    recall claimed below is what ``labels`` gives on them.
+
+    - ``"f1"``: the cut with the largest F1 on ``precision_recall_curve`` (anomalib's
+      F1-adaptive threshold).
+    - ``"youden"``: the finite cut with the largest tpr - fpr on ``roc_curve`` (Youden's J).
+    - ``"recall:R"``, R in (0, 1]: the largest threshold (among the calibration scores) that
+      flags at least a share R of the defective images; ``recall:1.0`` misses none of them.
+
+    Ties between cuts of equal F1 or J go to the higher cut (fewer images flagged).
+
+    Parameters
+    ----------
+    labels : array-like of shape (n,)
+        0 or False for a normal image, 1 or True for a defective one; both must occur.
+    scores : array-like of shape (n,)
+        Image scores; finite.
+    rule : str
+        ``"f1"``, ``"youden"`` or ``"recall:R"``.
+    pixel : tuple (masks, maps) or None
+        Defect masks (bool or 0/1) and anomaly maps of the same size, any shape (flattened);
+        when given, the pixel threshold is the one with the largest pixel F1 (as ``"f1"``).
+
+    Returns
+    -------
+    Calibration
+        ``alpha`` None, ``n`` the number of images, ``scores`` the sorted scores of the normal
+        ones (for p-values).
+    """
+    name, floor = _parse_rule(rule)
+    labels, scores = _check_labelled(labels, scores)
+    if name == "f1":
+        cut = _f1_cut(labels, scores)
+    elif name == "youden":
+        cut = _youden_cut(labels, scores)
+    else:
+        cut = _recall_cut(labels, scores, floor)
+    pixel_threshold = None
+    if pixel is not None:
+        if not isinstance(pixel, (tuple, list)) or len(pixel) != 2:
+            raise PadimError("pixel must be a pair (masks, maps) of defect masks and anomaly maps")
+        masks, maps = _check_labelled(*pixel, what="pixel")
+        pixel_threshold = _below(maps, _f1_cut(masks, maps))
+    return Calibration(rule=name, alpha=None, n=int(scores.size), threshold=_below(scores, cut),
+                       pixel_threshold=pixel_threshold,
+                       scores=tuple(np.sort(scores[~labels]).tolist()), created=_now())

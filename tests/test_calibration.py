@@ -8,8 +8,10 @@ from datetime import datetime
 import numpy as np
 import pytest
 from scipy.stats import binom
+from sklearn.metrics import f1_score, precision_recall_curve, recall_score, roc_curve
 
-from padim_ooc.calibration import Calibration, calibrate_normal, conformal_threshold, p_values
+from padim_ooc.calibration import (Calibration, calibrate_labelled, calibrate_normal,
+                                   conformal_threshold, p_values)
 from padim_ooc.errors import PadimError
 
 # a seeded test that fails with probability below this under the claimed bound is a real failure
@@ -192,3 +194,140 @@ def test_from_attrs_rejects_missing_and_unknown_keys():
     del attrs["threshold"]
     one_line_error(lambda: Calibration.from_attrs(attrs), "missing threshold")
     one_line_error(lambda: Calibration.from_attrs([1, 2]), "bad calibration")
+
+
+# ---------------------------------------------------------------- labelled rules
+
+def labelled_case(seed, n=120, ties=True):
+    """Normal and defective scores that overlap; integer-valued (many ties) when ``ties``."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.3
+    labels[:2] = [False, True]
+    scores = rng.normal(size=n) * 3 + 4 * labels
+    return labels, (np.round(scores) if ties else scores)
+
+
+def candidates(scores):
+    """Every threshold that makes a different decision under '>': each distinct score, and one
+    below them all."""
+    return [np.nextafter(scores.min(), -np.inf), *np.unique(scores)]
+
+
+def f1_of(labels, flagged):
+    tp = np.sum(flagged & labels)
+    return 0.0 if tp == 0 else 2 * tp / (np.sum(flagged) + np.sum(labels))
+
+
+def youden_of(labels, flagged):
+    return np.mean(flagged[labels]) - np.mean(flagged[~labels])
+
+
+def flagged_by(cal, scores):
+    return cal.labels(scores) == "anomalous"
+
+
+CASES = [(seed, ties) for seed in range(6) for ties in (True, False)]
+
+
+@pytest.mark.parametrize("seed, ties", CASES)
+def test_f1_rule_reaches_the_best_f1_of_sklearns_curve(seed, ties):
+    labels, scores = labelled_case(seed, ties=ties)
+    cal = calibrate_labelled(labels, scores, "f1")
+    precision, recall, cuts = precision_recall_curve(labels, scores)
+    with np.errstate(invalid="ignore"):
+        curve = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+    flagged = flagged_by(cal, scores)
+    assert f1_score(labels, flagged) == pytest.approx(curve.max(), abs=1e-12)
+    assert f1_score(labels, flagged) == pytest.approx(
+        max(f1_of(labels, scores > t) for t in candidates(scores)), abs=1e-12)
+    best = cuts[np.flatnonzero(curve == curve.max()).max()]  # ties: the highest cut
+    np.testing.assert_array_equal(flagged, scores >= best)
+    assert cal.threshold in scores or cal.threshold < scores.min()
+
+
+@pytest.mark.parametrize("seed, ties", CASES)
+def test_youden_rule_reaches_the_best_j_of_sklearns_roc(seed, ties):
+    labels, scores = labelled_case(seed, ties=ties)
+    cal = calibrate_labelled(labels, scores, "youden")
+    fpr, tpr, cuts = roc_curve(labels, scores)
+    best_j = np.max((tpr - fpr)[np.isfinite(cuts)])
+    flagged = flagged_by(cal, scores)
+    j = recall_score(labels, flagged) - np.mean(flagged[~labels])
+    assert j == pytest.approx(best_j, abs=1e-12)
+    assert j == pytest.approx(max(youden_of(labels, scores > t) for t in candidates(scores)),
+                              abs=1e-12)
+    assert np.isfinite(cal.threshold)
+
+
+@pytest.mark.parametrize("floor", [1.0, 0.95, 0.9, 0.5, 0.1])
+@pytest.mark.parametrize("seed, ties", CASES[:6])
+def test_recall_rule_is_the_largest_threshold_that_keeps_the_recall(seed, ties, floor):
+    labels, scores = labelled_case(seed, ties=ties)
+    cal = calibrate_labelled(labels, scores, f"recall:{floor}")
+    assert cal.rule == f"recall:{floor!r}"
+    assert recall_score(labels, flagged_by(cal, scores)) >= floor
+    keeping = [t for t in candidates(scores) if recall_score(labels, scores > t) >= floor]
+    assert cal.threshold == max(keeping)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_recall_one_flags_every_defect(seed):
+    labels, scores = labelled_case(seed, n=int(np.random.default_rng(seed).integers(5, 200)))
+    cal = calibrate_labelled(labels, scores, "recall:1")
+    assert flagged_by(cal, scores)[labels].all()
+    assert cal.threshold == max(s for s in candidates(scores) if (scores[labels] > s).all())
+
+
+def test_recall_one_when_the_lowest_score_is_a_defect():
+    labels, scores = np.array([1, 0, 0, 1]), np.array([1.0, 2.0, 3.0, 4.0])
+    cal = calibrate_labelled(labels, scores, "recall:1.0")
+    assert cal.labels(scores).tolist() == ["anomalous"] * 4 and cal.threshold < 1.0
+
+
+def test_labelled_record_keeps_the_normal_scores_for_p_values():
+    labels, scores = labelled_case(7)
+    cal = calibrate_labelled(labels, scores, "youden")
+    assert (cal.rule, cal.alpha, cal.n) == ("youden", None, labels.size)
+    assert list(cal.scores) == sorted(scores[~labels])
+    new = np.linspace(-5, 10, 31)
+    np.testing.assert_array_equal(cal.p_values(new), reference_p_values(scores[~labels], new))
+    assert Calibration.from_attrs(json.loads(json.dumps(cal.to_attrs()))) == cal
+
+
+def test_pixel_threshold_reaches_the_best_pixel_f1():
+    rng = np.random.default_rng(11)
+    masks = np.zeros((6, 16, 16), dtype=bool)
+    masks[:3, 4:9, 5:12] = True
+    maps = np.round(rng.normal(size=masks.shape) + 2.5 * masks, 1)
+    labels, scores = masks.any(axis=(1, 2)), maps.max(axis=(1, 2))
+    cal = calibrate_labelled(labels, scores, "f1", pixel=(masks.ravel(), maps.ravel()))
+    precision, recall, _ = precision_recall_curve(masks.ravel(), maps.ravel())
+    with np.errstate(invalid="ignore"):
+        best = np.nanmax(2 * precision * recall / (precision + recall))
+    assert f1_score(masks.ravel(), cal.masks(maps).ravel()) == pytest.approx(best, abs=1e-12)
+    assert Calibration.from_attrs(json.loads(json.dumps(cal.to_attrs()))) == cal
+
+
+@pytest.mark.parametrize("rule", ["F2", "", "recall", "recall:", "recall:0", "recall:1.5",
+                                  "recall:nan", "recall:-1", "recall:abc", 5, None])
+def test_bad_rule_is_a_one_line_error(rule):
+    labels, scores = labelled_case(0)
+    one_line_error(lambda: calibrate_labelled(labels, scores, rule), repr(rule))
+
+
+@pytest.mark.parametrize("labels, scores, words", [
+    ([0, 0, 0], [1.0, 2.0, 3.0], ("normal and defective", "all 3 are normal")),
+    ([1, 1], [1.0, 2.0], ("all 2 are defective",)),
+    ([0, 2, 1], [1.0, 2.0, 3.0], ("0 (normal) or 1",)),
+    ([0, 1], [1.0, 2.0, 3.0], ("2 labels and 3 scores",)),
+    ([0, 1, 1], [1.0, np.nan, np.inf], ("2 of the 3",)),
+])
+def test_bad_labelled_input_is_a_one_line_error(labels, scores, words):
+    one_line_error(lambda: calibrate_labelled(labels, scores, "f1"), *words)
+
+
+def test_bad_pixel_input_is_a_one_line_error():
+    labels, scores = labelled_case(0)
+    one_line_error(lambda: calibrate_labelled(labels, scores, "f1", pixel=np.zeros(4)), "pair")
+    one_line_error(lambda: calibrate_labelled(labels, scores, "f1",
+                                              pixel=(np.zeros(4, bool), np.zeros(4))), "pixel")
