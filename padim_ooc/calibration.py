@@ -20,7 +20,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from .errors import PadimError
 
 __all__ = ["Calibration", "calibrate_labelled", "calibrate_normal", "conformal_threshold",
-           "p_values"]
+           "holdout_selected", "p_values"]
 
 ANOMALOUS, NORMAL = "anomalous", "normal"
 CONFORMAL = "conformal"
@@ -465,3 +465,37 @@ def calibrate_labelled(labels, scores, rule, pixel=None) -> Calibration:
     return Calibration(rule=name, alpha=None, n=int(scores.size), threshold=_below(scores, cut),
                        pixel_threshold=pixel_threshold,
                        scores=tuple(np.sort(scores[~labels]).tolist()), created=_now())
+
+
+def holdout_selected(digest: bytes, fraction: float) -> bool:
+    """Whether the image with this content digest is held out for calibration.
+
+    The first 8 bytes of the digest (the 16-byte BLAKE2b of :func:`padim_ooc.data`'s ledger),
+    read as a big-endian integer u, select the image when ``u < fraction * 2**64``. The choice
+    depends on the image's bytes only, so a resumed, incremental or sharded fit makes the same
+    one, in any order; a larger fraction keeps every image a smaller one selected. Over
+    distinct images the selected share is ``fraction`` (binomially).
+
+    Parameters
+    ----------
+    digest : bytes
+        The image's content digest, at least 8 bytes.
+    fraction : float
+        Share of images to hold out, in [0, 1) (0: none).
+
+    Returns
+    -------
+    bool
+    """
+    if not isinstance(digest, (bytes, bytearray)) or len(digest) < 8:
+        raise PadimError(f"a hold-out choice needs the image's content digest (bytes, at least "
+                         f"8); got {type(digest).__name__} of length {len(digest)}"
+                         if hasattr(digest, "__len__") else
+                         f"a hold-out choice needs the image's content digest (bytes); got "
+                         f"{type(digest).__name__}")
+    if isinstance(fraction, (bool, np.bool_)) or not isinstance(
+            fraction, (int, float, np.integer, np.floating)) \
+            or not (math.isfinite(fraction) and 0 <= fraction < 1):
+        raise PadimError(f"the hold-out fraction must be a number in [0, 1), e.g. 0.1; got "
+                         f"{fraction!r}")
+    return int.from_bytes(bytes(digest[:8]), "big") < float(fraction) * 2.0 ** 64

@@ -1,6 +1,7 @@
 """Tests of padim_ooc.calibration against direct computations (sorting and counting), sklearn's
 curves, and the coverage the conformal method promises (binomial bounds over many seeds)."""
 import dataclasses
+import hashlib
 import json
 import math
 from datetime import datetime
@@ -11,7 +12,7 @@ from scipy.stats import binom
 from sklearn.metrics import f1_score, precision_recall_curve, recall_score, roc_curve
 
 from padim_ooc.calibration import (Calibration, calibrate_labelled, calibrate_normal,
-                                   conformal_threshold, p_values)
+                                   conformal_threshold, holdout_selected, p_values)
 from padim_ooc.errors import PadimError
 
 # a seeded test that fails with probability below this under the claimed bound is a real failure
@@ -266,7 +267,7 @@ def test_recall_rule_is_the_largest_threshold_that_keeps_the_recall(seed, ties, 
     cal = calibrate_labelled(labels, scores, f"recall:{floor}")
     assert cal.rule == f"recall:{floor!r}"
     assert recall_score(labels, flagged_by(cal, scores)) >= floor
-    keeping = [t for t in candidates(scores) if recall_score(labels, scores > t) >= floor]
+    keeping = [t for t in candidates(scores) if np.mean(scores[labels] > t) >= floor]
     assert cal.threshold == max(keeping)
 
 
@@ -331,3 +332,37 @@ def test_bad_pixel_input_is_a_one_line_error():
     one_line_error(lambda: calibrate_labelled(labels, scores, "f1", pixel=np.zeros(4)), "pair")
     one_line_error(lambda: calibrate_labelled(labels, scores, "f1",
                                               pixel=(np.zeros(4, bool), np.zeros(4))), "pixel")
+
+
+# ---------------------------------------------------------------- hold-out by content hash
+
+def test_holdout_is_deterministic_and_reads_the_first_eight_bytes():
+    digest = hashlib.blake2b(b"image bytes", digest_size=16).digest()
+    assert holdout_selected(digest, 0.3) == holdout_selected(bytes(digest), 0.3)
+    assert holdout_selected(bytearray(digest), 0.3) == holdout_selected(digest, 0.3)
+    assert holdout_selected(b"\x00" * 16, 1e-12) and not holdout_selected(b"\x00" * 16, 0.0)
+    assert not holdout_selected(b"\xff" * 16, 0.999999)
+    half = (2**63).to_bytes(8, "big")
+    assert not holdout_selected(half + b"\x00" * 8, 0.5)
+    assert holdout_selected((2**63 - 1).to_bytes(8, "big") + b"\xff" * 8, 0.5)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.25, 0.5])
+def test_holdout_share_is_the_fraction(fraction):
+    rng = np.random.default_rng(int(fraction * 1000))
+    digests = [hashlib.blake2b(rng.bytes(32), digest_size=16).digest() for _ in range(20000)]
+    chosen = np.array([holdout_selected(d, fraction) for d in digests])
+    count = int(chosen.sum())
+    assert binom.ppf(TAIL, 20000, fraction) <= count <= binom.isf(TAIL, 20000, fraction)
+    # nested: raising the fraction keeps the images a smaller one held out
+    assert all(holdout_selected(d, fraction + 0.05) for d in np.array(digests)[chosen])
+
+
+@pytest.mark.parametrize("fraction", [1, 1.0, -0.1, float("nan"), "0.1", True, None])
+def test_bad_holdout_fraction_is_a_one_line_error(fraction):
+    one_line_error(lambda: holdout_selected(b"\x00" * 16, fraction), "fraction")
+
+
+@pytest.mark.parametrize("digest", [b"short", "0" * 32, 12345, None])
+def test_bad_digest_is_a_one_line_error(digest):
+    one_line_error(lambda: holdout_selected(digest, 0.1), "digest")
