@@ -1,9 +1,10 @@
 """Decisions from scores: split-conformal thresholds, conformal p-values (DESIGN.md, Decisions).
 
-Pure functions on image scores (numpy only; no I/O). An image is *anomalous* when its score is
-strictly greater than the threshold (``score > threshold``), everywhere in this module: with the
-conformal threshold this is what bounds the false-alarm rate by ``alpha`` (see
-:func:`conformal_threshold`). See docs/calibration.md for what is and is not guaranteed.
+Pure functions on image scores (numpy; sklearn's curves for the labelled rules; no I/O). An
+image is *anomalous* when its score is strictly greater than the threshold (``score >
+threshold``), everywhere in this module: with the conformal threshold this is what bounds the
+false-alarm rate by ``alpha`` (see :func:`conformal_threshold`). docs/calibration.md says what
+is and is not guaranteed.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from fractions import Fraction
 from functools import cached_property
 
 import numpy as np
-
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from .errors import PadimError
@@ -35,10 +35,15 @@ def _exact(value: float) -> Fraction:
     return Fraction(repr(float(value)))
 
 
+def _is_real(value) -> bool:
+    """A Python or numpy int or float, not a bool (True is no alpha)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) \
+        and not isinstance(value, (bool, np.bool_))
+
+
 def _check_alpha(alpha) -> Fraction:
     """``alpha`` as an exact fraction, or a one-line PadimError unless it is a real in (0, 1)."""
-    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (int, float, np.integer,
-                                                                      np.floating)):
+    if not _is_real(alpha):
         raise PadimError(f"alpha must be a number between 0 and 1 (exclusive), e.g. 0.05; "
                          f"got {alpha!r} ({type(alpha).__name__})")
     if not (math.isfinite(alpha) and 0 < alpha < 1):
@@ -182,18 +187,20 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _bad(name: str, expected: str, value) -> PadimError:
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-    return PadimError(f"bad calibration: {name} must be {expected}; got {shown} "
-                      f"({type(value).__name__}); calibrate the model again")
+def _bad(name: str, expected: str, value, got: str | None = None) -> PadimError:
+    """The one-line error for a calibration field: what it must be, what it is, what to do."""
+    if got is None:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        got = f"{shown} ({type(value).__name__})"
+    return PadimError(f"bad calibration: {name} must be {expected}; got {got}; "
+                      f"calibrate the model again")
 
 
 def _number(name: str, value, *, optional: bool = False) -> float | None:
     """``value`` as a finite float (Python or numpy real, not a bool), or None if optional."""
     if value is None and optional:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
-                                                                      np.floating)):
+    if not _is_real(value):
         raise _bad(name, "a number" + (" or null" if optional else ""), value)
     if not math.isfinite(value):
         raise _bad(name, "finite", value)
@@ -272,11 +279,11 @@ class Calibration:
             raise _bad("scores", "a list of numbers", self.scores)
         scores = tuple(_number("scores", s) for s in self.scores)
         if any(b < a for a, b in zip(scores, scores[1:])):
-            raise _bad("scores", "sorted in increasing order", "unsorted")
+            raise _bad("scores", "sorted in increasing order", None, "unsorted scores")
         low, high = (self.n, self.n) if rule == CONFORMAL else (1, self.n - 1)
         if not low <= len(scores) <= high:
             raise _bad("scores", f"{low} to {high} numbers for n={self.n} and rule {rule}",
-                       f"{len(scores)} numbers")
+                       None, f"{len(scores)}")
         put(self, "scores", scores)
         if not isinstance(self.created, str):
             raise _bad("created", "an ISO 8601 time", self.created)
@@ -470,7 +477,7 @@ def calibrate_labelled(labels, scores, rule, pixel=None) -> Calibration:
 def holdout_selected(digest: bytes, fraction: float) -> bool:
     """Whether the image with this content digest is held out for calibration.
 
-    The first 8 bytes of the digest (the 16-byte BLAKE2b of :func:`padim_ooc.data`'s ledger),
+    The first 8 bytes of the digest (the 16-byte BLAKE2b of :mod:`padim_ooc.data`'s ledger),
     read as a big-endian integer u, select the image when ``u < fraction * 2**64``. The choice
     depends on the image's bytes only, so a resumed, incremental or sharded fit makes the same
     one, in any order; a larger fraction keeps every image a smaller one selected. Over
@@ -488,14 +495,11 @@ def holdout_selected(digest: bytes, fraction: float) -> bool:
     bool
     """
     if not isinstance(digest, (bytes, bytearray)) or len(digest) < 8:
+        got = f"{len(digest)} bytes" if isinstance(digest, (bytes, bytearray)) \
+            else type(digest).__name__
         raise PadimError(f"a hold-out choice needs the image's content digest (bytes, at least "
-                         f"8); got {type(digest).__name__} of length {len(digest)}"
-                         if hasattr(digest, "__len__") else
-                         f"a hold-out choice needs the image's content digest (bytes); got "
-                         f"{type(digest).__name__}")
-    if isinstance(fraction, (bool, np.bool_)) or not isinstance(
-            fraction, (int, float, np.integer, np.floating)) \
-            or not (math.isfinite(fraction) and 0 <= fraction < 1):
+                         f"8); got {got}")
+    if not (_is_real(fraction) and math.isfinite(fraction) and 0 <= fraction < 1):
         raise PadimError(f"the hold-out fraction must be a number in [0, 1), e.g. 0.1; got "
                          f"{fraction!r}")
     return int.from_bytes(bytes(digest[:8]), "big") < float(fraction) * 2.0 ** 64
