@@ -170,22 +170,24 @@ def score_files(model: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
 
 
 def run_score(store: ModelStore, paths: Sequence[Path], options: ScoreOptions, sink, *,
-              weights: str | None = None) -> list[tuple[int, str]]:
+              weights: str | None = None, extractor: Extractor | None = None) -> list[tuple[int, str]]:
     """What ``padim-ooc score`` and :func:`score_files` do: score ``paths`` with the finalized
     model of ``store``, in this process or on the cluster of ``options.cluster`` (the one place
     that chooses), handing every batch's results to ``sink.add(indices, scores, maps)``.
 
-    Returns the ``(index, reason)`` of the images that could not be read (skipped).
+    ``extractor``: one already built for this model, used in this process (a cluster's workers
+    build their own). Maps go to the sink where ``options.wants_maps`` (asked, or needed for masks
+    and overlays). Returns the ``(index, reason)`` of the images that could not be read (skipped).
     """
     store.final_arrays()  # a clear error before any image is read
     with options.cluster.open(store.path) as client, \
             bar(f"score {Path(store.path).name}", len(paths), enabled=options.progress) as advance:
         def on_batch(indices, scores, batch_maps):
-            sink.add(indices, scores, batch_maps if options.maps else None)
+            sink.add(indices, scores, batch_maps if options.wants_maps else None)
             advance(len(indices))
 
         if client is None:
-            model = Model(store, device=options.device, weights=weights)
+            model = Model(store, device=options.device, weights=weights, extractor=extractor)
             return score_images(model, paths, options, on_batch)
         from .parallel.score_shards import score_sharded
 

@@ -14,7 +14,7 @@ import typer
 from . import __version__
 from .config import DEFAULT_BACKBONE, DEFAULT_CROP, DEFAULT_RESIZE, DEFAULT_SEED, DEFAULT_WEIGHTS
 from .errors import PadimError, os_message
-from .options import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_SIGMA
+from .options import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_FPR, DEFAULT_SIGMA
 
 # rich_markup_mode=None: plain help (Rich markup would eat the "[default]" brackets of the help texts)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -150,6 +150,10 @@ def fit(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget of each fitting "
                                              "process, e.g. 6GB [available memory x 0.8]; when the statistics do "
                                              "not fit, positions are fitted in blocks, one pass over the images each."),
+    holdout: float = typer.Option(0.0, "--holdout", help="Share of the images held out of the statistics "
+                                  "(chosen by content hash) to calibrate the model on after finalizing, e.g. 0.2."),
+    fpr: Optional[float] = typer.Option(None, "--fpr", show_default=False, help="False-alarm rate of the "
+                                        f"calibration on the held-out images [the model's, {DEFAULT_FPR}]."),
 ):
     """Fit a model on normal images (or add unseen images to an existing one)."""
     from .config import ModelConfig
@@ -160,7 +164,7 @@ def fit(
     options = FitOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
                          on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
                          checkpoint_every=checkpoint_every, max_memory=_bytes(max_memory),
-                         finalize=not no_finalize, eps=eps)
+                         finalize=not no_finalize, eps=eps, holdout=holdout, fpr=fpr)
     asked = ModelConfig(backbone=backbone, layers=_layers(layers), dims=dims, seed=seed, weights=weights,
                         resize=resize, crop=crop)
     if preset is not None:  # the preset's fields, overridden by those given explicitly
@@ -211,6 +215,11 @@ def score(
     data: List[str] = DataArg,
     out: str = typer.Option(..., "--out", help="Output folder or fsspec URL: scores.csv (and maps.zarr with --maps)."),
     maps: bool = typer.Option(False, "--maps", help="Also write the anomaly maps to OUT/maps.zarr (N, H, W) float16."),
+    masks: bool = typer.Option(False, "--masks", help="A calibrated model: a binary PNG mask (map above the "
+                               "pixel threshold) per anomalous image in OUT/masks/."),
+    overlays: Optional[str] = typer.Option(None, "--overlays", metavar="all|anomalous", help="A calibrated model: "
+                                           "a PNG per image (all) or per anomalous image, heatmap over the image "
+                                           "with the mask's contour, in OUT/overlays/."),
     sigma: float = SigmaOpt,
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
@@ -221,7 +230,8 @@ def score(
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
 ):
-    """Score images: OUT/scores.csv with one row `path,score` per image, in input order."""
+    """Score images: OUT/scores.csv with one row per image, in input order: `path,score`, and on a
+    calibrated model `path,score,p_value,label` (label anomalous or normal)."""
     from .api import run_score
     from .data import list_images
     from .options import Cluster, ScoreOptions
@@ -230,16 +240,80 @@ def score(
 
     options = ScoreOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
                            on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
-                           sigma=sigma, maps=maps)
+                           sigma=sigma, maps=maps, masks=masks, overlays=overlays)
     data = _need_data(data, f"padim-ooc score {model} data/test --out out")
     store = ModelStore.open(model)
     store.final_arrays()  # a clear error before reading any image
+    calibration = store.calibration()
+    if calibration is None and (masks or overlays):
+        raise PadimError(f"--{'masks' if masks else 'overlays'} needs a calibrated model (a threshold): run "
+                         f"`padim-ooc calibrate {model} NORMAL_IMAGES...` or fit with --holdout first")
+    if calibration is not None and calibration.stale:
+        log.warning("the calibration of %s is stale: the statistics changed after it, so its threshold and "
+                    "p-values belong to the old model; re-calibrate (padim-ooc calibrate %s ...)", model, model)
     paths = list_images(data)
-    with ScoreWriter(out, paths, crop=store.attrs["crop"], maps=maps) as writer:
+    with ScoreWriter(out, paths, crop=store.attrs["crop"], maps=maps, calibration=calibration,
+                     resize=store.attrs["resize"], masks=masks, overlays=overlays) as writer:
         bad = run_score(store, paths, options, writer, weights=_weights(weights))
         for i, err in bad:
             log.warning("skipped %s: %s", writer.name(i), err)
-    typer.echo(json.dumps({"scored": writer.count, "skipped": len(bad), "out": str(out)}))
+    result = {"scored": writer.count, "skipped": len(bad), "out": str(out)}
+    if calibration is not None:
+        result |= {"anomalous": writer.anomalous, "threshold": calibration.threshold,
+                   "pixel_threshold": calibration.pixel_threshold, "rule": calibration.rule,
+                   "alpha": calibration.alpha, "calibration_stale": calibration.stale}
+    typer.echo(json.dumps(result))
+
+
+@command
+def calibrate(
+    model: str = typer.Argument(..., help="Model store (finalized)."),
+    data: List[str] = typer.Argument(None, show_default=False, help="Normal images the fit did not see "
+                                     "(folders, files, .txt lists); with --labelled one class folder (MVTec AD "
+                                     "or good/ + defect/); none: the model's held-out images (fit --holdout)."),
+    fpr: Optional[float] = typer.Option(None, "--fpr", show_default=False, help="Normal images: the false-alarm "
+                                        f"rate allowed on new normal images (split-conformal threshold) [{DEFAULT_FPR}; "
+                                        "without DATA: the model's]."),
+    labelled: bool = typer.Option(False, "--labelled", help="DATA is a labelled class folder: the threshold by --rule."),
+    rule: str = typer.Option("f1", "--rule", help="With --labelled: f1 (F1-max), youden, or recall:R (the "
+                             "highest threshold that finds a share R of the defects, e.g. recall:1.0)."),
+    batch_size: int = BatchOpt,
+    device: str = DeviceOpt,
+    weights: Optional[str] = ModelWeightsOpt,
+    loader_workers: Optional[int] = LoaderOpt,
+    quiet: bool = QuietOpt,
+    workers: Optional[int] = WorkersOpt,
+    scheduler: Optional[str] = SchedulerOpt,
+):
+    """Calibrate a model: the threshold (and p-values) `score` decides with, stored in the model."""
+    from .calibrate import calibrate_files, calibrate_holdout, calibrate_layout
+    from .data import list_images
+    from .options import Cluster, ScoreOptions, check_fpr
+    from .store import ModelStore
+
+    options = ScoreOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
+                           progress=not quiet, cluster=Cluster(workers, scheduler))
+    if labelled:
+        from .calibration import _parse_rule
+        from .evaluation.layouts import find_layout
+
+        _parse_rule(rule)
+        if not data or len(data) != 1:
+            raise PadimError(f"--labelled takes one class folder (MVTec AD layout or good/ + defect/), got "
+                             f"{len(data or [])}: e.g. `padim-ooc calibrate {model} data/bottle --labelled`")
+        layout = find_layout(data[0])
+        with ModelStore.open(model, writable=True) as store:
+            result = calibrate_layout(store, layout, rule, options, weights=_weights(weights))
+    else:
+        if fpr is not None:
+            check_fpr(fpr)
+        with ModelStore.open(model, writable=True) as store:
+            if data:
+                result = calibrate_files(store, list_images(data), DEFAULT_FPR if fpr is None else fpr, options,
+                                         weights=_weights(weights))
+            else:
+                result = calibrate_holdout(store, fpr, options, weights=_weights(weights))
+    typer.echo(json.dumps({"model": model} | result))
 
 
 @command
@@ -266,8 +340,8 @@ def evaluate(
     ev = run_evaluate(m, layout, batch_size=batch_size, sigma=sigma, loader_workers=loader_workers,
                       examples=examples, progress=not quiet)
     report = ev.write(out)
-    keys = ("image_auroc", "pixel_auroc", "pro", "n_images", "n_skipped", "counts")
-    typer.echo(json.dumps({k: ev.metrics[k] for k in keys} | {"report": str(report)}))
+    keys = ("image_auroc", "pixel_auroc", "pro", "n_images", "n_skipped", "counts", "decision")
+    typer.echo(json.dumps({k: ev.metrics.get(k) for k in keys} | {"report": str(report)}))
 
 
 benchmark_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Fit and evaluate on a benchmark data set.")
@@ -332,10 +406,15 @@ def demo(
 
 @command
 def info(model: str = typer.Argument(..., help="Model store.")):
-    """Print the model's attributes as JSON."""
+    """Print the model's attributes as JSON (the calibration's scores and hold-out images as counts)."""
+    from .calibrate import describe
     from .store import ModelStore
 
-    attrs = ModelStore.open(model).attrs
+    store = ModelStore.open(model)
+    attrs = dict(store.attrs)
+    attrs.pop("holdout", None)
+    if attrs.get("calibration") is not None or store.attrs.get("holdout"):
+        attrs["calibration"] = describe(store)
     typer.echo(json.dumps(attrs, indent=2))
 
 

@@ -65,11 +65,19 @@ class FitSummary:
     n_images: int = 0
     checkpoints: int = 0
     blocks: int = 1  # passes over the images (position blocks of the memory plan)
+    # images held out of the statistics for calibration (``FitOptions.holdout``): (path, digest)
+    held_out: list[tuple[str, bytes]] = field(default_factory=list)
+    calibration: dict | None = None  # what the calibration after the fit did (padim_ooc.calibrate)
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "added": self.added, "already_seen": self.already_seen,
-                "duplicates": self.duplicates, "skipped": len(self.skipped),
-                "n_images": self.n_images, "checkpoints": self.checkpoints, "blocks": self.blocks}
+        out = {"model": self.model, "added": self.added, "already_seen": self.already_seen,
+               "duplicates": self.duplicates, "skipped": len(self.skipped),
+               "n_images": self.n_images, "checkpoints": self.checkpoints, "blocks": self.blocks}
+        if self.held_out or self.calibration is not None:
+            out["held_out"] = len(self.held_out)
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        return out
 
 
 # ---- the preamble --------------------------------------------------------------------------
@@ -184,7 +192,13 @@ def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, opti
                 raise PadimError("no image could be read: the model has no statistics")
             summary.model = os.fspath(model)
             summary.n_images = store.n_images
-            return summary, finish(store, options, client)
+            finalized = finish(store, options, client)
+            if options.holdout or store.attrs.get("holdout"):
+                from .calibrate import calibrate_after_fit
+
+                summary.calibration = calibrate_after_fit(store, summary.held_out, options, client=client,
+                                                          weights=target.weights, extractor=target.extractor)
+            return summary, finalized
 
 
 def finish(store: ModelStore, options: FitOptions, client=None) -> bool:
@@ -264,15 +278,26 @@ class RunLedger:
     counted as a duplicate), not if the same content came earlier in this run (a
     duplicate). Unreadable images are skipped with a warning (or stop the run with
     ``on_error='fail'``). Those images are hashed but not decoded (``skip``).
+
+    With a ``holdout`` fraction, a new image whose content digest
+    :func:`padim_ooc.calibration.holdout_selected` picks is not folded in but
+    recorded in ``summary.held_out`` (for calibration): the choice depends on the
+    bytes only, so a resumed, incremental or sharded fit makes the same one.
     """
 
     def __init__(self, own: set[bytes], known: set[bytes] | None, claimed: frozenset, summary: FitSummary,
-                 on_error: str):
+                 on_error: str, holdout: float = 0.0):
         self.known = own if known is None else known
         self.claimed = claimed
         self.seen = set(own) | set(self.known) | set(claimed)
         self.skip = frozenset(self.seen)
         self.summary, self.on_error = summary, on_error
+        self.holdout = holdout
+
+    def held_out(self, key: bytes) -> bool:
+        from .calibration import holdout_selected
+
+        return bool(self.holdout) and holdout_selected(key, self.holdout)
 
     def first_pass(self, paths, indices, digests, ok, errors, kept: dict) -> list[int]:
         """Rows of the batch to fold in; records the new images in ``kept`` (index -> digest)."""
@@ -287,6 +312,10 @@ class RunLedger:
                     self.summary.duplicates += 1
             elif key in self.seen:
                 self.summary.duplicates += 1
+                row += 1
+            elif self.held_out(key):  # kept for calibration, never folded in
+                self.seen.add(key)
+                self.summary.held_out.append((os.fsdecode(paths[i]), key))
                 row += 1
             else:
                 self.seen.add(key)
@@ -337,7 +366,7 @@ def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], 
     ranges = plan.ranges()
     single = len(ranges) == 1
     summary.blocks = plan.blocks
-    ledger = RunLedger(store.ledger(), known, claimed, summary, options.on_error)
+    ledger = RunLedger(store.ledger(), known, claimed, summary, options.on_error, options.holdout)
     segment = max(1, len(paths)) if single else \
         -(-max(options.checkpoint_every or AUTO_CHECKPOINT_IMAGES, batch) // batch) * batch
     fold = fold_samples(extractor.positions, extractor.dims, batch)

@@ -18,6 +18,8 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_EPS = 0.01
 DEFAULT_SIGMA = 4.0
 ON_ERROR = ("skip", "fail")
+DEFAULT_FPR = 0.01
+OVERLAYS = ("all", "anomalous")
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
@@ -26,6 +28,16 @@ def check_eps(eps: float) -> float:
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
         raise PadimError(f"eps must be a finite number >= 0 (e.g. 0.01), got {eps!r}")
     return eps
+
+
+def check_fpr(alpha, option: str = "--fpr") -> float:
+    """``alpha`` if it is a number strictly between 0 and 1, else a one-line :class:`PadimError`
+    (the false-alarm rate asked of a conformal calibration, see :mod:`padim_ooc.calibration`)."""
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)
+            and 0 < alpha < 1):
+        raise PadimError(f"{option} must be a false-alarm rate between 0 and 1 (exclusive), e.g. 0.01; "
+                         f"got {alpha!r}")
+    return float(alpha)
 
 
 def eps_for(stored: dict, eps: float | None) -> float:
@@ -137,12 +149,20 @@ class FitOptions(RunOptions):
     eps : float, optional
         Added to the covariance diagonal at finalize (None: the model's eps,
         0.01 for a model never finalized).
+    holdout : float
+        Share of the images, in [0, 1), held out of the statistics for calibration, chosen by
+        content hash (:func:`padim_ooc.calibration.holdout_selected`); 0: none.
+    fpr : float, optional
+        The false-alarm rate of the calibration made after the fit on the held-out images
+        (None: the model's alpha, else :data:`DEFAULT_FPR`).
     """
 
     checkpoint_every: int | None = None
     max_memory: int | None = None
     finalize: bool = True
     eps: float | None = None
+    holdout: float = 0.0
+    fpr: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -152,6 +172,11 @@ class FitOptions(RunOptions):
             raise PadimError(f"the memory budget must be positive, got {self.max_memory}")
         if self.eps is not None:
             check_eps(self.eps)
+        if not (isinstance(self.holdout, (int, float)) and not isinstance(self.holdout, bool)
+                and math.isfinite(self.holdout) and 0 <= self.holdout < 1):
+            raise PadimError(f"--holdout must be a share of the images in [0, 1), e.g. 0.2; got {self.holdout!r}")
+        if self.fpr is not None:
+            check_fpr(self.fpr)
 
 
 @dataclass(frozen=True)
@@ -164,16 +189,29 @@ class ScoreOptions(RunOptions):
         Gaussian blur of the maps in pixels (4 as in the paper; 0: none).
     maps : bool
         Whether the maps are wanted (written, or returned).
+    masks : bool
+        Binary PNG masks of the anomalous images (a calibrated model).
+    overlays : {None, 'all', 'anomalous'}
+        PNG overlays (heatmap over the image, mask contour) of every image or of the anomalous ones.
     """
 
     sigma: float = DEFAULT_SIGMA
     maps: bool = False
+    masks: bool = False
+    overlays: str | None = None
+
+    @property
+    def wants_maps(self) -> bool:
+        """Whether the scoring must hand maps on: asked, or needed for masks or overlays."""
+        return bool(self.maps or self.masks or self.overlays)
 
     def __post_init__(self):
         super().__post_init__()
         if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma >= 0):
             raise PadimError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
+        if self.overlays not in (None, *OVERLAYS):
+            raise PadimError(f"--overlays must be all or anomalous, not {self.overlays!r}")
 
 
-__all__ = ["Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "eps_for", "DEFAULT_BATCH_SIZE",
+__all__ = ["Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "check_fpr", "eps_for", "DEFAULT_FPR", "OVERLAYS", "DEFAULT_BATCH_SIZE",
            "DEFAULT_EPS", "DEFAULT_SIGMA"]

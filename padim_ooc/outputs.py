@@ -60,8 +60,10 @@ class ScoreWriter:
     folder if it created it, else its ``maps.zarr``.
     """
 
-    def __init__(self, out: str | os.PathLike, paths: Sequence[Path], *, crop: int, maps: bool = False):
+    def __init__(self, out: str | os.PathLike, paths: Sequence[Path], *, crop: int, maps: bool = False,
+                 calibration=None, resize: int | None = None, masks: bool = False, overlays: str | None = None):
         self.out = os.fspath(out).rstrip("/")  # a folder, or any fsspec URL (memory://, s3://, ...)
+        self.decisions = None  # with a calibration: p-values, labels, masks, overlays (padim_ooc.decisions)
         self.paths = list(paths)
         self.scores = np.full(len(self.paths), np.nan)
         self.done = np.zeros(len(self.paths), bool)
@@ -72,6 +74,15 @@ class ScoreWriter:
             self.fs.makedirs(self.root, exist_ok=True)
         except (OSError, ValueError, ImportError) as err:
             raise PadimError(f"cannot create the output folder {self.out}: {getattr(err, 'strerror', None) or err}") from None
+        if calibration is not None:
+            from .decisions import Decisions
+
+            try:
+                self.decisions = Decisions(calibration, self.fs, self.root, self.paths, resize=resize or crop,
+                                           crop=crop, masks=masks, overlays=overlays)
+            except BaseException:
+                self.discard()
+                raise
         if maps:
             try:
                 self.maps = zarr.create_array(self.out + "/maps.zarr", shape=(len(self.paths), crop, crop),
@@ -95,6 +106,13 @@ class ScoreWriter:
         if self.maps is not None and maps is not None:
             for row, first, length in runs(idx):  # one write per run of consecutive indices
                 self.maps[first:first + length] = maps[row:row + length].astype(np.float16)
+        if self.decisions is not None:
+            self.decisions.add(idx, scores, maps)
+
+    @property
+    def anomalous(self) -> int | None:
+        """Images labelled anomalous so far (None without a calibration)."""
+        return None if self.decisions is None else self.decisions.count(self.scores[self.done])
 
     def __enter__(self):
         return self
@@ -107,11 +125,16 @@ class ScoreWriter:
         return False
 
     def discard(self) -> None:
-        """Remove what this writer wrote: the output folder if it made it, else maps.zarr."""
-        target = self.root if self.created else (self.root + "/maps.zarr" if self.maps is not None else None)
+        """Remove what this writer wrote: the output folder if it made it, else maps.zarr (and the
+        masks/ and overlays/ folders)."""
+        targets = [self.root] if self.created else [self.root + "/maps.zarr"] if self.maps is not None else []
+        if not self.created and self.decisions is not None:
+            targets += [f"{self.root}/{name}" for name, wanted in (("masks", self.decisions.masks),
+                                                                     ("overlays", self.decisions.overlays)) if wanted]
         try:
-            if target is not None and self.fs.exists(target):
-                self.fs.rm(target, recursive=True)
+            for target in targets:
+                if self.fs.exists(target):
+                    self.fs.rm(target, recursive=True)
         except OSError:
             pass  # the run's own error is the one to report
 
@@ -122,9 +145,15 @@ class ScoreWriter:
             raise PadimError(f"no image could be read: nothing was scored ({len(self.paths)} given)")
         with self.fs.open(self.root + "/scores.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["path", "score"])
-            for i in np.flatnonzero(self.done):
-                w.writerow([self.name(i), repr(float(self.scores[i]))])
+            kept = np.flatnonzero(self.done)
+            if self.decisions is None:
+                w.writerow(["path", "score"])
+                for i in kept:
+                    w.writerow([self.name(i), repr(float(self.scores[i]))])
+            else:  # a calibrated model: path,score,p_value,label[,mask][,overlay]
+                w.writerow(["path", "score", *self.decisions.columns])
+                for i, cells in zip(kept, self.decisions.rows(kept, self.scores[kept])):
+                    w.writerow([self.name(i), repr(float(self.scores[i])), *cells])
         if self.maps is not None:
             kept = np.flatnonzero(self.done)
             if len(kept) != len(self.paths):

@@ -111,6 +111,7 @@ def fit_sharded(target: FitTarget, paths: Sequence[Path], client, options: FitOp
             summary.already_seen += part.already_seen
             summary.duplicates += part.duplicates
             summary.skipped.extend(part.skipped)
+            summary.held_out.extend(part.held_out)
             summary.checkpoints += part.checkpoints
             summary.blocks = max(summary.blocks, part.blocks)
         filled = sorted(done[k][0].model for k in done if done[k][0].n_images)

@@ -93,14 +93,15 @@ def score_part_of(model: str, paths: Sequence[str], first: int, options: ScoreOp
     def on_batch(indices, batch_scores, batch_maps):
         idx.extend(indices)
         scores.append(batch_scores)
-        if options.maps:
-            out_maps.append(batch_maps.astype(np.float16))
+        if options.wants_maps:  # float32 for masks and overlays: decided on the maps the scores come from
+            out_maps.append(batch_maps.astype(np.float32 if options.masks or options.overlays else np.float16))
 
     bad = score_images(m, [Path(p) for p in paths], options, on_batch)
     crop = m.attrs["crop"]
     return (first + np.asarray(idx, dtype=np.int64),
             np.concatenate(scores) if scores else np.zeros(0, np.float32),
-            (np.concatenate(out_maps) if out_maps else np.zeros((0, crop, crop), np.float16)) if options.maps else None,
+            (np.concatenate(out_maps) if out_maps else np.zeros((0, crop, crop), np.float16)) if options.wants_maps
+            else None,
             [(first + i, err) for i, err in bad])
 
 
@@ -132,7 +133,9 @@ def score_sharded(store: ModelStore, paths: Sequence[str | os.PathLike], client,
     task_options = dataclasses.replace(options, progress=False, loader_workers=0, cluster=Cluster())
     paths = [shared_path(p) for p in paths]
     workers = worker_count(client)
-    cap = max_shard_images or score_shard_size(store.attrs["crop"], options.maps)
+    cap = max_shard_images or score_shard_size(store.attrs["crop"], options.wants_maps)
+    if max_shard_images is None and (options.masks or options.overlays):  # float32 maps: half as many
+        cap = max(1, cap // 2)
     ranges = shard_ranges(len(paths), options.batch_size, shards or SCORE_SHARDS_PER_WORKER * workers, max_size=cap)
     token = uuid.uuid4().hex[:8]
     todo = iter(enumerate(ranges))

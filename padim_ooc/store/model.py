@@ -270,6 +270,29 @@ class ModelStore:
         parts = self._ledger_parts()
         return np.concatenate(parts) if parts else np.zeros((0, 16), np.uint8)
 
+    def calibration(self):
+        """The stored :class:`padim_ooc.calibration.Calibration` (root attribute ``calibration``,
+        beside the statistics), or None for a model never calibrated."""
+        record = self.attrs.get("calibration")
+        if record is None:
+            return None
+        from ..calibration import Calibration
+
+        return Calibration.from_attrs(record)
+
+    def write_calibration(self, calibration, **changes: Any) -> None:
+        """Store ``calibration`` (a Calibration, or None to remove it) in one attribute write,
+        with other root attributes ``changes`` (e.g. the hold-out record, ``holdout``)."""
+        self._write_attrs(calibration=None if calibration is None else calibration.to_attrs(), **changes)
+
+    def _stale_calibration(self) -> dict:
+        """The attribute change that marks a stored calibration stale (the statistics it was
+        computed against are being replaced), or nothing without a calibration."""
+        record = self.attrs.get("calibration")
+        if not record or record.get("stale"):
+            return {}
+        return {"calibration": {**record, "stale": True}}
+
     # ---- writing -------------------------------------------------------
     def _new_array(self, name: str, data: np.ndarray | None, shape, dtype, chunk_positions: int):
         """A new array (overwriting a leftover of that name), every chunk stored even if all zero.
@@ -402,7 +425,7 @@ class ModelStore:
             self._sync(name, f"ledger/{segment}")
             pause_point("checkpoint-written")
             self._write_attrs(seq=seq, state=name, ledger=ledger, n_images=int(n_images),
-                              finalized=False, final=None)
+                              finalized=False, final=None, **self._stale_calibration())
         self._sync_root()
         pause_point("checkpoint-switched")
         self._remove(old)
@@ -427,11 +450,13 @@ class ModelStore:
     def commit_final(self, name: str, eps: float) -> None:
         """Point the model at the finalized arrays written under ``name`` (from :meth:`begin_final`)."""
         old = self.attrs["final"]
+        # the same statistics finalized with the same eps give the same precision: the calibration holds
+        same = old is not None and old.split("-")[1] == name.split("-")[1] and self.attrs["eps"] == float(eps)
         with self.switching(name):
             self._sync(name)
             pause_point("final-written")
             self._write_attrs(final=name, finalized=True, eps=float(eps),
-                              finals=int(name.rsplit("-", 1)[1]))
+                              finals=int(name.rsplit("-", 1)[1]), **({} if same else self._stale_calibration()))
         self._sync_root()
         if old != name:
             self._remove([old])
