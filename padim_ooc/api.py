@@ -42,7 +42,7 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
         checkpoint_every: int | None = None, finalize: bool = True, eps: float | None = None,
         loader_workers: int | None = None, on_error: str = "skip", progress: bool = False,
         device: str = "auto", max_memory: int | None = None, workers: int | None = None,
-        scheduler: str | None = None, client=None) -> Model:
+        scheduler: str | None = None, client=None, holdout: float = 0.0, fpr: float | None = None) -> Model:
     """Fit (or extend) the model at ``model`` on the images of ``sources``, streaming.
 
     Parameters
@@ -74,6 +74,11 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
         at the end: ``workers=N`` starts a local cluster of N processes,
         ``scheduler="tcp://HOST:PORT"`` connects to a running one, ``client``
         uses a ``distributed.Client`` you hold. Default: in this process.
+    holdout : float
+        Share of the images, in [0, 1), held out of the statistics by content hash; the model is
+        calibrated on them after finalizing (split-conformal, false-alarm rate ``fpr``).
+    fpr : float, optional
+        The calibration's false-alarm rate (default: the model's, else 0.01).
 
     Returns
     -------
@@ -86,7 +91,8 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
         raise PadimError("give either an extractor (built with its weights) or weights, not both")
     options = FitOptions(batch_size=batch_size, device=device, loader_workers=loader_workers, on_error=on_error,
                          progress=progress, cluster=Cluster(workers, scheduler, client),
-                         checkpoint_every=checkpoint_every, max_memory=max_memory, finalize=finalize, eps=eps)
+                         checkpoint_every=checkpoint_every, max_memory=max_memory, finalize=finalize, eps=eps,
+                         holdout=holdout, fpr=fpr)
     config = ModelConfig(weights=weights) if weights is not None else None
     run_fit(sources, model, options, config=config, extractor=extractor)
     return open_model(model, device=device if extractor is None else str(extractor.device), weights=weights,

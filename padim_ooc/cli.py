@@ -400,7 +400,13 @@ def demo(
     s = info["split"]
     typer.echo(f"image AUROC {ev.metrics['image_auroc']:.4f} on ELPV {cell_type} cells "
                f"({s['n_test_good']} good + {s['n_test_defect']} defective test cells, fitted on "
-               f"{s['n_train']} good cells) in {info['total_s']:.0f} s")
+               f"{info['n_fitted']} good cells) in {info['total_s']:.0f} s")
+    d = ev.metrics.get("decision")
+    if d:
+        pv = ", ".join(f"{float(a):g}: {v:.3f}" for a, v in d["p_value_calibration"].items())
+        typer.echo(f"calibrated on {d['n_calibration']} held-out good cells at alpha {d['alpha']:g}: threshold "
+                   f"{d['threshold']:.4g}, false-alarm rate {d['false_alarm_rate']:.3f} and recall {d['recall']:.3f} "
+                   f"on the test split; share of good test cells with p <= alpha ({pv})")
     typer.echo(f"report: {info['report']}")
 
 

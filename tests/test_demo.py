@@ -122,7 +122,7 @@ def test_tiny_demo_end_to_end(tmp_path):
     from padim_ooc.recipes.demo import run_demo
 
     ev, info = run_demo(tmp_path, subset={"n_train": 24, "n_test_good": 8, "n_test_defect": 8}, resize=64,
-                        device="cpu", loader_workers=0, progress=False)
+                        device="cpu", loader_workers=0, progress=False, holdout=0.5, alpha=0.2)
     assert info["split"] == {"n_train": 24, "n_test_good": 8, "n_test_defect": 8}
     _, probs, types = load_dataset()
     index = lambda folder: [int(p.stem.split("_")[1]) for p in sorted((tmp_path / "elpv-mono" / folder).iterdir())]
@@ -134,7 +134,11 @@ def test_tiny_demo_end_to_end(tmp_path):
     m = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert m["counts"] == {"good": 8, "defect": 8} and m["pixel_auroc"] is None
     assert m["timings"]["fit_s"] == pytest.approx(info["fit_s"], abs=0.01) and m["timings"]["fit_s"] > 0
-    assert m["model"]["backbone"] == "efficientnet_lite0" and m["model"]["n_train_images"] == 24
+    d = m["decision"]  # the fit held out training normals by content hash and calibrated on them
+    assert info["n_fitted"] + info["n_held_out"] == 24 and d["n_calibration"] == info["n_held_out"] >= 4
+    assert d["alpha"] == 0.2 and d["tp"] + d["fn"] == 8 and d["fp"] + d["tn"] == 8
+    assert d["false_alarm_rate"] == d["fp"] / 8 and d["recall"] == d["tp"] / 8
+    assert m["model"]["backbone"] == "efficientnet_lite0" and m["model"]["n_train_images"] == info["n_fitted"]
     assert m["model"]["resize"] == m["model"]["crop"] == 64
     with open(tmp_path / "report" / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -196,6 +196,7 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
         "per_type": _per_type(layout, scores, labels, threshold),
         "threshold": {"value": threshold, "rule": "Youden's J (tpr - fpr) on this test set",
                       "good_flagged": float(fpr[best]), "defects_found": float(tpr[best])},
+        "decision": decision_metrics(model.store.calibration(), scores[ok], labels[ok]),
         "sigma": sigma,
         "timings": {"score_s": round(t_score, 3), "metrics_s": round(t_metrics, 3),
                     "images_per_s": round(float(ok.sum()) / max(t_score, 1e-9), 2)},
@@ -209,6 +210,44 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
     metrics["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
     return Evaluation(layout, metrics, scores, labels, (fpr, tpr),
                       None if pix is None else pix["roc"], sections)
+
+
+P_VALUE_LEVELS = (0.01, 0.05, 0.1)
+
+
+def decision_metrics(calibration, scores: np.ndarray, labels: np.ndarray) -> dict | None:
+    """What the model's stored threshold does on a labelled test set (None for an uncalibrated model).
+
+    Parameters
+    ----------
+    calibration : Calibration or None
+    scores, labels : ndarray of shape (n,)
+        Finite image scores; 0 good, 1 defective.
+
+    Returns
+    -------
+    dict
+        ``threshold``, ``rule``, ``alpha``, ``stale``, the counts ``tp``, ``fp``, ``tn``, ``fn``
+        (anomalous = score > threshold), ``precision``, ``recall``, ``f1``, ``false_alarm_rate``
+        (good images flagged; None where undefined), and ``p_value_calibration``: the share of good
+        test images with p-value <= a, for a in 0.01, 0.05, 0.1 (at most a, up to sampling, when
+        they are exchangeable with the calibration images).
+    """
+    if calibration is None:
+        return None
+    flagged = np.asarray(scores, np.float64) > calibration.threshold
+    bad = np.asarray(labels) == 1
+    tp, fp = int((flagged & bad).sum()), int((flagged & ~bad).sum())
+    fn, tn = int((~flagged & bad).sum()), int((~flagged & ~bad).sum())
+    ratio = lambda a, b: a / b if b else None  # noqa: E731
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    f1 = ratio(2 * tp, 2 * tp + fp + fn)
+    p = calibration.p_values(np.asarray(scores, np.float64)[~bad])
+    return {"threshold": calibration.threshold, "rule": calibration.rule, "alpha": calibration.alpha,
+            "n_calibration": calibration.n, "stale": calibration.stale,
+            "tp": tp, "fp": fp, "tn": tn, "fn": fn, "precision": precision, "recall": recall, "f1": f1,
+            "false_alarm_rate": ratio(fp, fp + tn),
+            "p_value_calibration": {str(a): float(np.mean(p <= a)) if p.size else None for a in P_VALUE_LEVELS}}
 
 
 def _per_type(layout: Layout, scores: np.ndarray, labels: np.ndarray, threshold: float) -> list[dict]:

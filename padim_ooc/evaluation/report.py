@@ -148,8 +148,9 @@ def svg_roc(curves: Sequence[tuple[str, np.ndarray, np.ndarray, str, str]], size
 
 
 def svg_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | None,
-                  width: int = 520, height: int = 300, bins: int = 30) -> str:
-    """Image-score histograms of good (blue) and defective (orange) images, threshold line."""
+                  width: int = 520, height: int = 300, bins: int = 30, decision: float | None = None) -> str:
+    """Image-score histograms of good (blue) and defective (orange) images, threshold line
+    (dashed red), and the model's stored (calibrated) threshold ``decision`` (solid green)."""
     scores, labels = np.asarray(scores, float), np.asarray(labels)
     lo, hi = float(scores.min()), float(scores.max())
     hi = hi if hi > lo else lo + 1.0
@@ -183,6 +184,10 @@ def svg_histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | Non
         parts.append(f'<line x1="{x:.1f}" y1="16" x2="{x:.1f}" y2="{16 + ph}" stroke="#c00" '
                      'stroke-width="2" stroke-dasharray="6 3"/>')
         parts.append(f'<text x="{x + 4:.1f}" y="30" fill="#c00">threshold {threshold:.4g}</text>')
+    if decision is not None:
+        x = sx(min(max(decision, lo), hi))  # drawn at the edge when outside the scores' range
+        parts.append(f'<line x1="{x:.1f}" y1="16" x2="{x:.1f}" y2="{16 + ph}" stroke="#2a7" stroke-width="2"/>')
+        parts.append(f'<text x="{x + 4:.1f}" y="46" fill="#2a7">calibrated {decision:.4g}</text>')
     ly = height - 10
     parts.append(f'<rect x="{m}" y="{ly - 10}" width="12" height="12" fill="#1f77b4"/>'
                  f'<text x="{m + 16}" y="{ly}">good</text>'
@@ -312,9 +317,14 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, scores: np.ndarra
                 "The blue curve counts <b>images</b>: left to right, more good images are flagged (x) "
                 f"and more defective images are found (y).{pixel_text} A perfect detector goes straight "
                 "up to the top-left corner; the grey diagonal is chance.</figcaption></figure>")
-    body.append(f"<figure>{svg_histogram(scores, labels, threshold)}<figcaption>Image scores of good "
-                "(blue) and defective (orange) test images. The less the two overlap, the easier it "
-                "is to set a threshold.</figcaption></figure></div>")
+    decision = metrics.get("decision")
+    if decision:
+        body.append(_decision_text(decision))
+    body.append(f"<figure>{svg_histogram(scores, labels, threshold, decision=(decision or {}).get('threshold'))}"
+                "<figcaption>Image scores of good (blue) and defective (orange) test images. The less the two "
+                "overlap, the easier it is to set a threshold."
+                + (" The green line is the model's stored (calibrated) threshold." if decision else "")
+                + "</figcaption></figure></div>")
 
     body.append("<h2>Example images</h2>")
     colorbar().save(out / "colorbar.png")
@@ -356,6 +366,19 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, scores: np.ndarra
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _decision_text(d: dict) -> str:
+    """The paragraph on the model's stored threshold: what it does on this test set."""
+    how = (f"conformal, alpha = {d['alpha']:g}: at most {100 * d['alpha']:g} % of new normal images flagged"
+           if d.get("alpha") is not None else f"rule {d['rule']}")
+    pct = lambda v: _fmt(None if v is None else 100 * v, 1) + (" %" if v is not None else "")  # noqa: E731
+    stale = (' <span class="flag">Stale: the statistics changed after the calibration.</span>'
+             if d.get("stale") else "")
+    return (f'<p>The model\'s <b>calibrated threshold</b> {d["threshold"]:.4g} ({html.escape(how)}; '
+            f'{d["n_calibration"]} calibration images) flags {pct(d["false_alarm_rate"])} of the good test images '
+            f'(false alarms) and finds {pct(d["recall"])} of the defective ones (recall); precision '
+            f'{pct(d["precision"])}, F1 {_fmt(d["f1"])}.{stale}</p>')
 
 
 def _rel(path: Path) -> str:

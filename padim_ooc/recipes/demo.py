@@ -9,8 +9,11 @@ The seeded split (:func:`padim_ooc.elpv.prepare_elpv`) holds out normal cells
 for testing and fits on the others. The default is a subset sized to finish
 within 5 minutes on 2 CPU cores (``DEMO_SUBSET``: 200 training normals, 60 held-out
 normals, 60 defective cells); ``full=True`` uses the whole split (20 % of the
-normals held out, every defective cell). Then the same evaluation and report
-as ``padim-ooc evaluate`` (image-level metrics only: ELPV has no masks).
+normals held out, every defective cell). The fit holds out ``DEMO_HOLDOUT`` of
+the training normals (by content hash) and calibrates on them at
+``DEMO_ALPHA`` (split-conformal); then the same evaluation and report as
+``padim-ooc evaluate`` (image-level metrics only: ELPV has no masks), with the
+false-alarm rate and recall of that threshold on the test split.
 """
 from __future__ import annotations
 
@@ -29,6 +32,12 @@ from ..store import store_exists
 DEMO_SUBSET = {"n_train": 200, "n_test_good": 60, "n_test_defect": 60}
 """Images of the default (quick) demo; ``--full`` uses every image of the split."""
 
+DEMO_HOLDOUT = 0.2
+"""Share of the training normals held out of the statistics to calibrate on."""
+
+DEMO_ALPHA = 0.05
+"""The false-alarm rate asked of the calibration."""
+
 DEMO_RESIZE = 224
 """ELPV cells are 300x300 and defects reach the cell borders: resize to 224 and
 keep the whole cell (crop = resize) instead of the MVTec 256 -> 224 centre crop."""
@@ -37,7 +46,8 @@ keep the whole cell (crop = resize) instead of the MVTec 256 -> 224 centre crop.
 def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = False, cell_type: str = "mono",
              seed: int = 0, batch_size: int = 32, device: str = "auto", loader_workers: int | None = None,
              progress: bool = True, resize: int = DEMO_RESIZE, crop: int | None = None,
-             subset: dict | None = None) -> tuple[Evaluation, dict]:
+             subset: dict | None = None, holdout: float = DEMO_HOLDOUT,
+             alpha: float = DEMO_ALPHA) -> tuple[Evaluation, dict]:
     """Prepare the ELPV split, fit the lite0 preset, evaluate, write the report.
 
     Parameters
@@ -52,6 +62,8 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
         ``n_test_defect``), e.g. a tiny run for tests.
     resize, crop : int
         Preprocessing (default: 224, the whole cell).
+    holdout, alpha : float
+        Share of the training normals held out for calibration, and the false-alarm rate asked.
     cell_type : {'mono', 'poly'}
 
     Returns
@@ -60,7 +72,8 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
         Its ``metrics`` are in ``out_dir/report/metrics.json`` (``timings``
         there include the fit, ``fit_s``).
     info : dict
-        ``split`` (counts), ``fit_s``, ``total_s``, ``report`` (path of report.html).
+        ``split`` (counts), ``n_fitted`` and ``n_held_out`` (training normals in the statistics and
+        calibrated on), ``fit_s``, ``total_s``, ``report`` (path of report.html).
     """
     t0 = time.perf_counter()
     from .elpv import prepare_elpv
@@ -82,13 +95,14 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
         shutil.rmtree(model_path)  # refit: the split may differ from the last run
     t1 = time.perf_counter()
     model = fit([split["train_good"]], model_path, extractor=extractor, batch_size=batch_size,
-                loader_workers=loader_workers, progress=progress)
+                loader_workers=loader_workers, progress=progress, holdout=holdout, fpr=alpha)
     t_fit = time.perf_counter() - t1
     ev = evaluate(model, split["root"], batch_size=batch_size, loader_workers=loader_workers, progress=progress)
     ev.metrics["class"] = f"ELPV {cell_type} solar cells"
     ev.metrics["timings"] = {"fit_s": round(t_fit, 3), **ev.metrics["timings"]}
     report = ev.write(out / "report")
     info = {"split": {k: split[k] for k in ("n_train", "n_test_good", "n_test_defect")},
-            "cell_type": cell_type, "full": full, "fit_s": round(t_fit, 2),
+            "cell_type": cell_type, "full": full, "fit_s": round(t_fit, 2), "n_fitted": model.n_images,
+            "n_held_out": (model.store.calibration().n if model.store.calibration() is not None else 0),
             "total_s": round(time.perf_counter() - t0, 2), "report": str(report)}
     return ev, info
