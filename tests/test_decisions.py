@@ -281,3 +281,21 @@ def test_labelled_calibration_on_a_class_folder(tmp_path, extractor, capsys):
     assert d["recall"] == 1.0 and d["fp"] == int((s[~bad] > thr).sum())
     assert d["false_alarm_rate"] == d["fp"] / (~bad).sum()
     assert "calibrated" in (tmp_path / "ev" / "report.html").read_text()
+
+
+def test_masks_and_overlays_into_an_fsspec_url(calibrated, image_dir, capsys):
+    """--masks and --overlays write through fsspec like scores.csv (a memory:// URL here)."""
+    import fsspec
+
+    out = "memory://decisions-out"
+    result = cli_json(capsys, "score", calibrated, image_dir / "b", "--out", out, "--masks", "--overlays",
+                      "anomalous", *RUN)
+    fs = fsspec.filesystem("memory")
+    with fs.open("/decisions-out/scores.csv", "r") as f:
+        rows = list(csv.DictReader(f))
+    flagged = [r for r in rows if r["label"] == "anomalous"]
+    assert flagged and len(flagged) == result["anomalous"] and all(r["mask"] and r["overlay"] for r in flagged)
+    for r in flagged:
+        with fs.open(f"/decisions-out/{r['mask']}", "rb") as f:
+            assert (np.asarray(Image.open(f)) > 0).any()
+    assert all(not r["mask"] and not r["overlay"] for r in rows if r["label"] == "normal")
