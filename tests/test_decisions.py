@@ -299,3 +299,41 @@ def test_masks_and_overlays_into_an_fsspec_url(calibrated, image_dir, capsys):
         with fs.open(f"/decisions-out/{r['mask']}", "rb") as f:
             assert (np.asarray(Image.open(f)) > 0).any()
     assert all(not r["mask"] and not r["overlay"] for r in rows if r["label"] == "normal")
+
+
+@pytest.mark.slow  # two interpreter starts (about 20 s on 2 busy cores); the content rule is checked above too
+def test_holdout_is_the_same_after_a_killed_fit_is_resumed(tmp_path, image_dir):
+    """A fit killed after its first checkpoint (the PADIM_OOC_PAUSE_AT hook stops it there), then
+    run again: the hold-out record and the statistics' ledger are those of the content rule."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    model, marker = tmp_path / "m.zarr", tmp_path / "paused"
+    args = [sys.executable, "-m", "padim_ooc", "fit", str(image_dir / "a"), "--model", str(model), "--holdout", "0.3",
+            "--fpr", "0.5", "--checkpoint-every", "5", "--batch-size", "5", "--weights", "none", "--resize",
+            str(RESIZE), "--crop", str(CROP), "--loader-workers", "0", "-q"]
+    env = dict(os.environ, PADIM_OOC_PAUSE_AT="checkpoint-switched:1", PADIM_OOC_PAUSE_FILE=str(marker))
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (marker.exists() and marker.read_text().endswith("\n")):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    killed = ModelStore.open(model)
+    assert 0 < killed.n_images < 20 and killed.attrs.get("holdout") is None  # stopped mid-fit
+    env.pop("PADIM_OOC_PAUSE_AT")
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    files = sorted((image_dir / "a").glob("*.png"))
+    want = {digest(p) for p in files if selected(p, 0.3)}
+    assert want
+    store = ModelStore.open(model)
+    assert {bytes.fromhex(k) for _, k in store.attrs["holdout"]["images"]} == want
+    assert store.ledger() == {digest(p) for p in files} - want
+    assert store.calibration().n == len(want) and json.loads(done.stdout)["held_out"] == len(want)
