@@ -110,7 +110,7 @@ def test_score_writes_p_values_labels_masks_overlays(tmp_path, calibrated, image
     """scores.csv: p = (1 + #{calibration >= s}) / (n + 1), label = s > threshold; a mask PNG per
     anomalous image equal to map > threshold (the float32 maps of Model.score, and the float16
     maps of --maps away from the threshold); an overlay per image with the contour drawn."""
-    new = write_images(tmp_path / "new", 12, seed=7)
+    write_images(tmp_path / "new", 12, seed=7)
     bright = write_images(tmp_path / "new", 3, seed=8, start=50)
     for p in bright:  # defects: bright squares
         img = np.asarray(Image.open(p)).copy()
