@@ -175,6 +175,56 @@ def score_files(model: str | os.PathLike, paths: Sequence[str | os.PathLike], *,
     return sink.scores, sink.maps
 
 
+def calibrate_model(path: str | os.PathLike, data: Sequence[str | os.PathLike] | str | os.PathLike | None = None, *,
+                    fpr: float | None = None, labelled: bool = False, rule: str = "f1", batch_size: int = 32,
+                    device: str = "auto", weights: str | None = None, loader_workers: int | None = None,
+                    progress: bool = False, workers: int | None = None, scheduler: str | None = None,
+                    client=None) -> dict:
+    """Calibrate the finalized model at ``path``: the threshold and p-values ``score`` decides with,
+    stored in the model (root attribute ``calibration``; see docs/calibration.md).
+
+    Parameters
+    ----------
+    data : path or sequence of paths, optional
+        Normal images the fit did not see (split-conformal, false-alarm rate ``fpr``, default
+        0.01); with ``labelled`` one class folder (MVTec AD or good/ + defect/) and ``rule``
+        (``"f1"``, ``"youden"``, ``"recall:R"``); None: the model's held-out images
+        (``fit(..., holdout=F)``), with ``fpr`` or the stored alpha.
+    workers, scheduler, client
+        Score on a Dask cluster, as :func:`score_files`.
+
+    Returns
+    -------
+    dict
+        The calibration's rule, alpha, n, threshold(s) and counts (skipped, left out).
+    """
+    from .calibrate import calibrate_files, calibrate_holdout, calibrate_layout
+    from .calibration import _parse_rule
+    from .options import DEFAULT_FPR, check_fpr
+
+    if isinstance(data, (str, os.PathLike)):
+        data = [data]
+    options = ScoreOptions(batch_size=batch_size, device=device, loader_workers=loader_workers, progress=progress,
+                           cluster=Cluster(workers, scheduler, client))
+    if labelled:
+        from .evaluation.layouts import find_layout
+
+        _parse_rule(rule)
+        if not data or len(data) != 1:
+            raise PadimError(f"a labelled calibration takes one class folder (MVTec AD layout or good/ + defect/), "
+                             f"got {len(data or [])}: e.g. `padim-ooc calibrate {path} data/bottle --labelled`")
+        layout = find_layout(data[0])
+        with ModelStore.open(path, writable=True) as store:
+            return calibrate_layout(store, layout, rule, options, weights=weights)
+    if fpr is not None:
+        check_fpr(fpr)
+    with ModelStore.open(path, writable=True) as store:
+        if data:
+            return calibrate_files(store, list_images(data), DEFAULT_FPR if fpr is None else fpr, options,
+                                   weights=weights)
+        return calibrate_holdout(store, fpr, options, weights=weights)
+
+
 def run_score(store: ModelStore, paths: Sequence[Path], options: ScoreOptions, sink, *,
               weights: str | None = None, extractor: Extractor | None = None) -> list[tuple[int, str]]:
     """What ``padim-ooc score`` and :func:`score_files` do: score ``paths`` with the finalized
@@ -200,4 +250,4 @@ def run_score(store: ModelStore, paths: Sequence[Path], options: ScoreOptions, s
         return score_sharded(store, paths, client, options, weights=weights, on_result=on_batch)
 
 
-__all__ = ["fit", "open_model", "finalize_model", "merge", "score_files", "run_score", "run_fit", "FitSummary"]
+__all__ = ["fit", "open_model", "finalize_model", "merge", "score_files", "calibrate_model", "run_score", "run_fit", "FitSummary"]

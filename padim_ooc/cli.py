@@ -286,33 +286,11 @@ def calibrate(
     scheduler: Optional[str] = SchedulerOpt,
 ):
     """Calibrate a model: the threshold (and p-values) `score` decides with, stored in the model."""
-    from .calibrate import calibrate_files, calibrate_holdout, calibrate_layout
-    from .data import list_images
-    from .options import Cluster, ScoreOptions, check_fpr
-    from .store import ModelStore
+    from .api import calibrate_model
 
-    options = ScoreOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
-                           progress=not quiet, cluster=Cluster(workers, scheduler))
-    if labelled:
-        from .calibration import _parse_rule
-        from .evaluation.layouts import find_layout
-
-        _parse_rule(rule)
-        if not data or len(data) != 1:
-            raise PadimError(f"--labelled takes one class folder (MVTec AD layout or good/ + defect/), got "
-                             f"{len(data or [])}: e.g. `padim-ooc calibrate {model} data/bottle --labelled`")
-        layout = find_layout(data[0])
-        with ModelStore.open(model, writable=True) as store:
-            result = calibrate_layout(store, layout, rule, options, weights=_weights(weights))
-    else:
-        if fpr is not None:
-            check_fpr(fpr)
-        with ModelStore.open(model, writable=True) as store:
-            if data:
-                result = calibrate_files(store, list_images(data), DEFAULT_FPR if fpr is None else fpr, options,
-                                         weights=_weights(weights))
-            else:
-                result = calibrate_holdout(store, fpr, options, weights=_weights(weights))
+    result = calibrate_model(model, data or None, fpr=fpr, labelled=labelled, rule=rule, batch_size=batch_size,
+                             device=device, weights=_weights(weights), loader_workers=loader_workers,
+                             progress=not quiet, workers=workers, scheduler=scheduler)
     typer.echo(json.dumps({"model": model} | result))
 
 

@@ -145,6 +145,12 @@ class Model:
         return self.store.n_images
 
     @property
+    def calibration(self):
+        """The stored :class:`padim_ooc.calibration.Calibration` (``labels``, ``p_values``,
+        ``masks`` of scores and maps), or None for a model never calibrated."""
+        return self.store.calibration()
+
+    @property
     def finalized(self) -> bool:
         return bool(self.store.attrs["finalized"])
 

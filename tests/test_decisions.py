@@ -337,3 +337,18 @@ def test_holdout_is_the_same_after_a_killed_fit_is_resumed(tmp_path, image_dir):
     assert {bytes.fromhex(k) for _, k in store.attrs["holdout"]["images"]} == want
     assert store.ledger() == {digest(p) for p in files} - want
     assert store.calibration().n == len(want) and json.loads(done.stdout)["held_out"] == len(want)
+
+
+def test_python_api_calibrates_and_decides(tmp_path, calibrated, image_dir):
+    """calibrate_model on the stored hold-out at another alpha; Model.calibration labels scores."""
+    model = tmp_path / "m.zarr"
+    shutil.copytree(calibrated, model)
+    result = po.calibrate_model(model, fpr=0.5, loader_workers=0, batch_size=10)
+    cal = po.open_model(model, device="cpu").calibration
+    assert result["alpha"] == cal.alpha == 0.5 and cal.n == result["n"]
+    k = math.ceil((cal.n + 1) * 0.5)
+    assert cal.threshold == cal.scores[k - 1]
+    scores, _ = po.score_files(model, [image_dir / "b"], batch_size=10, loader_workers=0)
+    assert list(cal.labels(scores)) == ["anomalous" if s > cal.threshold else "normal" for s in scores]
+    with pytest.raises(po.PadimError, match="between 0 and 1"):
+        po.calibrate_model(model, fpr=1.0)
