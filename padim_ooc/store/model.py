@@ -32,9 +32,9 @@ import zarr
 
 from .. import __version__
 from . import lock
-from .chunks import (ATTR_KEY, COMPLETE_KEY, empty_folder, fsync, is_url as _is_url,
-                     live_names, open_checked, remove_leftovers, pause_point, read_array, shared_path, sync_tree, wait_for_zarr_writes,
-                     write_array)
+from .chunks import (ATTR_KEY, COMPLETE_KEY, empty_folder, fsync, live_names, open_checked, pause_point, read_array,
+                     remove_leftovers, sync_tree, wait_for_zarr_writes, write_array)
+from .paths import is_url as _is_url, shared_path
 from ..config import ModelConfig
 from ..errors import PadimError
 from ..welford import Moments
