@@ -16,6 +16,8 @@ from .errors import PadimError
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_EPS = 0.01
+DEFAULT_SHRINKAGE = "none"
+SHRINKAGES = ("none", "oas")
 DEFAULT_SIGMA = 4.0
 ON_ERROR = ("skip", "fail")
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
@@ -35,6 +37,21 @@ def eps_for(stored: dict, eps: float | None) -> float:
     if eps is not None:
         return eps
     return DEFAULT_EPS if stored.get("eps") is None else stored["eps"]
+
+
+def check_shrinkage(shrinkage: str) -> str:
+    """``shrinkage`` if it is one of :data:`SHRINKAGES`, else a one-line :class:`PadimError`."""
+    if shrinkage not in SHRINKAGES:
+        raise PadimError(f"--shrinkage must be none or oas, not {shrinkage!r}")
+    return shrinkage
+
+
+def shrinkage_for(stored: dict, shrinkage: str | None) -> str:
+    """The shrinkage to finalize with: ``shrinkage`` if given, else the model's current one
+    (``stored["shrinkage"]``; a model finalized before shrinkage existed: ``none``)."""
+    if shrinkage is not None:
+        return shrinkage
+    return stored.get("shrinkage") or DEFAULT_SHRINKAGE
 
 
 @dataclass(frozen=True)
@@ -137,12 +154,16 @@ class FitOptions(RunOptions):
     eps : float, optional
         Added to the covariance diagonal at finalize (None: the model's eps,
         0.01 for a model never finalized).
+    shrinkage : {'none', 'oas'}, optional
+        How finalize estimates the covariances (None: the model's, ``none`` for a
+        model never finalized); see :mod:`padim_ooc.finalize`.
     """
 
     checkpoint_every: int | None = None
     max_memory: int | None = None
     finalize: bool = True
     eps: float | None = None
+    shrinkage: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -152,6 +173,8 @@ class FitOptions(RunOptions):
             raise PadimError(f"the memory budget must be positive, got {self.max_memory}")
         if self.eps is not None:
             check_eps(self.eps)
+        if self.shrinkage is not None:
+            check_shrinkage(self.shrinkage)
 
 
 @dataclass(frozen=True)
@@ -175,5 +198,5 @@ class ScoreOptions(RunOptions):
             raise PadimError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
 
 
-__all__ = ["Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "eps_for", "DEFAULT_BATCH_SIZE",
-           "DEFAULT_EPS", "DEFAULT_SIGMA"]
+__all__ = ["Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "eps_for", "check_shrinkage",
+           "shrinkage_for", "DEFAULT_BATCH_SIZE", "DEFAULT_EPS", "DEFAULT_SHRINKAGE", "DEFAULT_SIGMA", "SHRINKAGES"]

@@ -424,13 +424,14 @@ class ModelStore:
             prec = self._new_array(f"{name}/precision", None, (positions, dims, dims), "float32", cp)
         return name, mean, prec
 
-    def commit_final(self, name: str, eps: float) -> None:
-        """Point the model at the finalized arrays written under ``name`` (from :meth:`begin_final`)."""
+    def commit_final(self, name: str, eps: float, shrinkage: str = "none") -> None:
+        """Point the model at the finalized arrays written under ``name`` (from :meth:`begin_final`),
+        recording how they were computed (``eps``, ``shrinkage``)."""
         old = self.attrs["final"]
         with self.switching(name):
             self._sync(name)
             pause_point("final-written")
-            self._write_attrs(final=name, finalized=True, eps=float(eps),
+            self._write_attrs(final=name, finalized=True, eps=float(eps), shrinkage=shrinkage,
                               finals=int(name.rsplit("-", 1)[1]))
         self._sync_root()
         if old != name:
