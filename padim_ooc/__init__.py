@@ -2,9 +2,10 @@
 __version__ = "0.1.0"
 
 from .errors import PadimError  # noqa: E402
+from .config import ModelConfig  # noqa: E402
 from .extractor import Extractor  # noqa: E402
 from .api import calibrate_model, finalize_model, fit, merge, open_model, score_files  # noqa: E402
 from .score import Model  # noqa: E402
 
-__all__ = ["Extractor", "Model", "PadimError", "calibrate_model", "finalize_model", "fit", "merge", "open_model", "score_files",
-           "__version__"]
+__all__ = ["Extractor", "Model", "ModelConfig", "PadimError", "calibrate_model", "finalize_model", "fit", "merge",
+           "open_model", "score_files", "__version__"]

@@ -18,7 +18,7 @@ from .errors import PadimError
 from .extractor import Extractor
 from .finalize import finalize as _finalize
 from .fit import FitSummary, run_fit
-from .options import Cluster, FitOptions, ScoreOptions, check_eps, eps_for
+from .options import Cluster, FitOptions, ScoreOptions, check_eps, check_shrinkage, eps_for, shrinkage_for
 from .outputs import ArraySink
 from .progress import bar
 from .score import Model, score_images
@@ -40,8 +40,8 @@ def open_model(path: str | os.PathLike, *, device: str = "auto", weights: str | 
 def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | os.PathLike, *,
         extractor: Extractor | None = None, weights: str | None = None, batch_size: int = 32,
         checkpoint_every: int | None = None, finalize: bool = True, eps: float | None = None,
-        loader_workers: int | None = None, on_error: str = "skip", progress: bool = False,
-        device: str = "auto", max_memory: int | None = None, workers: int | None = None,
+        shrinkage: str | None = None, loader_workers: int | None = None, on_error: str = "skip",
+        progress: bool = False, device: str = "auto", max_memory: int | None = None, workers: int | None = None,
         scheduler: str | None = None, client=None, holdout: float = 0.0, fpr: float | None = None) -> Model:
     """Fit (or extend) the model at ``model`` on the images of ``sources``, streaming.
 
@@ -66,6 +66,10 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
         Added to the covariance diagonal (>= 0). Default: the model's current
         eps, or 0.01 for a model never finalized. A finalized model whose
         stored eps differs is finalized again, even if no image is new.
+    shrinkage : {'none', 'oas'}, optional
+        How the covariances are estimated at finalize (:mod:`padim_ooc.finalize`).
+        Default: the model's current one, ``none`` for a model never finalized;
+        another one finalizes again.
     max_memory : int, optional
         Memory budget in bytes (default: available memory with a margin); when
         the statistics do not fit, positions are fitted in blocks, one pass each.
@@ -92,18 +96,20 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
     options = FitOptions(batch_size=batch_size, device=device, loader_workers=loader_workers, on_error=on_error,
                          progress=progress, cluster=Cluster(workers, scheduler, client),
                          checkpoint_every=checkpoint_every, max_memory=max_memory, finalize=finalize, eps=eps,
-                         holdout=holdout, fpr=fpr)
+                         shrinkage=shrinkage, holdout=holdout, fpr=fpr)
     config = ModelConfig(weights=weights) if weights is not None else None
     run_fit(sources, model, options, config=config, extractor=extractor)
     return open_model(model, device=device if extractor is None else str(extractor.device), weights=weights,
                       extractor=extractor)
 
 
-def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers: int | None = None,
-                   scheduler: str | None = None, client=None) -> Model:
-    """Compute the precision matrices of a fitted model: ``inv(m2 / (n - 1) + eps I)``.
+def finalize_model(path: str | os.PathLike, *, eps: float | None = None, shrinkage: str | None = None,
+                   workers: int | None = None, scheduler: str | None = None, client=None) -> Model:
+    """Compute the precision matrices of a fitted model: ``inv(m2 / (n - 1) + eps I)``
+    (or of the OAS-shrunk covariance, ``shrinkage="oas"``).
 
-    Finalizes again if the model already is (e.g. with another ``eps``).
+    Finalizes again if the model already is (e.g. with another ``eps`` or shrinkage:
+    no image is read).
     Named ``finalize_model`` because ``padim_ooc.finalize`` is the module that
     does the work (:func:`padim_ooc.finalize.finalize`, on an opened store).
 
@@ -114,6 +120,8 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers
     eps : float, optional
         Added to the diagonal of every covariance (>= 0). Default: the
         model's current eps, or 0.01 for a model never finalized.
+    shrinkage : {'none', 'oas'}, optional
+        Default: the model's current one, ``none`` for a model never finalized.
     workers, scheduler, client
         Run the position chunks on a Dask cluster, as in :func:`fit`.
 
@@ -124,34 +132,40 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers
     """
     if eps is not None:
         check_eps(eps)
+    if shrinkage is not None:
+        check_shrinkage(shrinkage)
     cluster = Cluster(workers, scheduler, client)
     with ModelStore.open(path, writable=True) as store, cluster.open(store.path) as cl:
-        _finalize(store, eps=eps_for(store.attrs, eps), client=cl)
+        _finalize(store, eps=eps_for(store.attrs, eps), shrinkage=shrinkage_for(store.attrs, shrinkage), client=cl)
     return open_model(path)
 
 
 def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, finalize: bool = True,
-          eps: float | None = None, workers: int | None = None, scheduler: str | None = None,
-          client=None) -> dict:
+          eps: float | None = None, shrinkage: str | None = None, workers: int | None = None,
+          scheduler: str | None = None, client=None) -> dict:
     """Merge stores fitted on disjoint image sets (same configuration) into ``model``.
 
     An existing ``model`` keeps its images and gets the parts' (see
     :func:`padim_ooc.merge.merge_stores`). Returns ``model``, ``parts``,
     ``added``, ``n_images`` and ``finalized`` (the store's state afterwards).
     ``finalize`` finalizes the merged model with ``eps`` (default: the model's
-    current eps, or 0.01 for a new model or one never finalized).
+    current eps, or 0.01 for a new model or one never finalized) and ``shrinkage``
+    (default: the model's, ``none`` for a new one).
     """
     from .merge import merge_stores
 
     if eps is not None:
         check_eps(eps)
+    if shrinkage is not None:
+        check_shrinkage(shrinkage)
     cluster = Cluster(workers, scheduler, client)
     # the lock first: a refused writer starts no cluster
     with lock.store_lock(model, lock.default_command()), cluster.open(model, *parts) as cl:
         result = merge_stores(parts, model, client=cl)
         with ModelStore.open(model, writable=True) as store:
             if finalize:
-                _finalize(store, eps=eps_for(store.attrs, eps), client=cl)
+                _finalize(store, eps=eps_for(store.attrs, eps), shrinkage=shrinkage_for(store.attrs, shrinkage),
+                          client=cl)
             return result | {"finalized": bool(store.attrs["finalized"])}
 
 

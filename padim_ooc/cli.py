@@ -99,6 +99,9 @@ LoaderOpt = typer.Option(None, "--loader-workers", min=0,
                          help="Image decoding processes (default: on a GPU the cores, up to 8; on the CPU one per 4 cores).")
 SigmaOpt = typer.Option(DEFAULT_SIGMA, "--sigma", min=0.0, help="Gaussian blur of the maps (pixels); 0 = none.")
 ModelWeightsOpt = typer.Option(None, "--weights", help="Local weights file, if the model was fitted with one.")
+ShrinkageOpt = typer.Option(None, "--shrinkage", help="Covariance estimate at finalize: none (PaDiM's sample "
+                            "covariance) or oas (Oracle Approximating Shrinkage) [the model's, none for a new one]; "
+                            "another one finalizes again, without reading images.")
 OnErrorOpt = typer.Option("skip", "--on-error", help="skip (warn and count) or fail (stop) on an unreadable image.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 WorkersOpt = typer.Option(None, "--workers", min=1, help="Run on a local Dask cluster of N worker processes "
@@ -142,6 +145,7 @@ def fit(
     eps: Optional[float] = typer.Option(None, "--eps", show_default=False, help="Added to the covariance "
                                         f"diagonal at finalize [the model's eps, {DEFAULT_EPS} for a new model]; a finalized "
                                         "model with another eps is finalized again."),
+    shrinkage: Optional[str] = ShrinkageOpt,
     loader_workers: Optional[int] = LoaderOpt,
     on_error: str = OnErrorOpt,
     quiet: bool = QuietOpt,
@@ -164,7 +168,7 @@ def fit(
     options = FitOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
                          on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
                          checkpoint_every=checkpoint_every, max_memory=_bytes(max_memory),
-                         finalize=not no_finalize, eps=eps, holdout=holdout, fpr=fpr)
+                         finalize=not no_finalize, eps=eps, shrinkage=shrinkage, holdout=holdout, fpr=fpr)
     asked = ModelConfig(backbone=backbone, layers=_layers(layers), dims=dims, seed=seed, weights=weights,
                         resize=resize, crop=crop)
     if preset is not None:  # the preset's fields, overridden by those given explicitly
@@ -182,14 +186,16 @@ def finalize(
     model: str = typer.Argument(..., help="Model store."),
     eps: Optional[float] = typer.Option(None, "--eps", show_default=False, help="Added to the covariance "
                                         "diagonal [the model's eps, 0.01 for a model never finalized]."),
+    shrinkage: Optional[str] = ShrinkageOpt,
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
 ):
     """Compute the precision matrices of a fitted model (covariance + eps I, Cholesky)."""
     from .api import finalize_model
 
-    m = finalize_model(model, eps=eps, workers=workers, scheduler=scheduler)
-    typer.echo(json.dumps({"model": model, "finalized": True, "eps": m.attrs["eps"], "n_images": m.n_images}))
+    m = finalize_model(model, eps=eps, shrinkage=shrinkage, workers=workers, scheduler=scheduler)
+    typer.echo(json.dumps({"model": model, "finalized": True, "eps": m.attrs["eps"],
+                           "shrinkage": m.attrs.get("shrinkage") or "none", "n_images": m.n_images}))
 
 
 @command
@@ -199,13 +205,15 @@ def merge(
     no_finalize: bool = typer.Option(False, "--no-finalize", help="Leave the merged model unfinalized."),
     eps: Optional[float] = typer.Option(None, "--eps", show_default=False, help="Added to the covariance "
                                         "diagonal at finalize [the model's eps, 0.01 for a new model]."),
+    shrinkage: Optional[str] = ShrinkageOpt,
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
 ):
     """Merge model stores fitted elsewhere into one model (Chan's formula, chunk by chunk)."""
     from .api import merge as merge_parts
 
-    result = merge_parts(parts, model, finalize=not no_finalize, eps=eps, workers=workers, scheduler=scheduler)
+    result = merge_parts(parts, model, finalize=not no_finalize, eps=eps, shrinkage=shrinkage, workers=workers,
+                         scheduler=scheduler)
     typer.echo(json.dumps(result))
 
 

@@ -1,4 +1,13 @@
-"""Covariance + eps I, Cholesky, precision: per position chunk, mapped with Dask."""
+"""Covariance (optionally shrunk) + eps I, Cholesky, precision: per position chunk, mapped with Dask.
+
+Shrinkage: ``none`` is PaDiM's sample covariance ``m2 / (n - 1)``; ``oas`` is the Oracle
+Approximating Shrinkage of Chen, Wiesel, Eldar and Hero (2010) as
+``sklearn.covariance.oas`` computes it, from the scatter matrix, n and d alone (so a
+model is finalized again with another shrinkage without reading an image):
+``S = m2 / n``, ``mu = tr(S) / d``, ``a = mean(S**2)``,
+``rho = min((a + mu**2) / ((n + 1) (a - mu**2 / d)), 1)`` (1 where the denominator is 0),
+covariance ``(1 - rho) S + rho mu I``. ``eps I`` is added after either.
+"""
 from __future__ import annotations
 
 import dask.array as da
@@ -6,13 +15,45 @@ import numpy as np
 import torch
 
 from .errors import PadimError
-from .options import DEFAULT_EPS
+from .options import DEFAULT_EPS, DEFAULT_SHRINKAGE
 from .parallel.tasks import compute
 from .store import ModelStore, check_shareable
 
 
 
-def precision_block(m2: np.ndarray, n: int, eps: float) -> np.ndarray:
+def covariance_block(m2: np.ndarray, n: int, shrinkage: str = DEFAULT_SHRINKAGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The covariances of one chunk of positions before ``eps``, and the shrinkage of each.
+
+    Parameters
+    ----------
+    m2 : ndarray of shape (p, d, d), float64
+        Sums of outer products of deviations.
+    n : int
+        Number of images (>= 2).
+    shrinkage : {'none', 'oas'}
+
+    Returns
+    -------
+    cov : Tensor of shape (p, d, d), float64
+        ``m2 / (n - 1)``, or the OAS estimate (module docstring).
+    rho : Tensor of shape (p,), float64
+        The shrinkage of each position (0 for ``none``).
+    """
+    m2 = torch.from_numpy(np.ascontiguousarray(m2, dtype=np.float64))
+    if shrinkage == "none":
+        return m2 / (n - 1), torch.zeros(m2.shape[0], dtype=torch.float64)
+    d = m2.shape[-1]
+    s = m2 / n
+    mu = s.diagonal(dim1=-2, dim2=-1).sum(-1) / d  # (p,)
+    alpha = s.square().mean(dim=(-2, -1))
+    den = (n + 1) * (alpha - mu.square() / d)
+    rho = torch.where(den == 0, torch.ones_like(den), ((alpha + mu.square()) / den).clamp(max=1.0))
+    cov = s.mul_((1 - rho)[:, None, None])
+    cov.diagonal(dim1=-2, dim2=-1).add_((rho * mu)[:, None])
+    return cov, rho
+
+
+def precision_block(m2: np.ndarray, n: int, eps: float, shrinkage: str = DEFAULT_SHRINKAGE) -> np.ndarray:
     """Precision matrices of one chunk of positions.
 
     Parameters
@@ -23,14 +64,16 @@ def precision_block(m2: np.ndarray, n: int, eps: float) -> np.ndarray:
         Number of images.
     eps : float
         Regularisation added to the diagonal of the covariance.
+    shrinkage : {'none', 'oas'}
+        How the covariance is estimated (:func:`covariance_block`).
 
     Returns
     -------
-    ndarray of shape (p, d, d), float32: ``inv(m2 / (n - 1) + eps I)``,
-    computed with a Cholesky factorisation in float64 (LU-based batched
-    inverses fail for d > ~148 with several threads on this stack).
+    ndarray of shape (p, d, d), float32: ``inv(cov + eps I)`` (``cov = m2 / (n - 1)``
+    without shrinkage), computed with a Cholesky factorisation in float64
+    (LU-based batched inverses fail for d > ~148 with several threads on this stack).
     """
-    cov = torch.from_numpy(np.ascontiguousarray(m2, dtype=np.float64)) / (n - 1)
+    cov, _ = covariance_block(m2, n, shrinkage)
     cov.diagonal(dim1=-2, dim2=-1).add_(eps)
     chol, info = torch.linalg.cholesky_ex(cov)
     if bool((info > 0).any()):
@@ -38,8 +81,8 @@ def precision_block(m2: np.ndarray, n: int, eps: float) -> np.ndarray:
     return torch.cholesky_inverse(chol).to(torch.float32).numpy()
 
 
-def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | None = "threads",
-             client=None) -> None:
+def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, shrinkage: str = DEFAULT_SHRINKAGE,
+             scheduler: str | None = "threads", client=None) -> None:
     """Write the precision matrices and a float32 mean, chunk by chunk, then switch to them.
 
     A Dask array over the ``m2`` chunks (chunked along positions only) is
@@ -52,6 +95,9 @@ def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | No
         Opened writable, with statistics of at least 2 images.
     eps : float
         Added to the diagonal of every covariance.
+    shrinkage : {'none', 'oas'}
+        How each covariance is estimated from ``m2`` (module docstring); stored with
+        the finalization (attribute ``shrinkage``).
     scheduler : str or None
         A Dask scheduler name (``threads``, ``synchronous``), or ``None`` to
         use the active ``dask.distributed`` client. Ignored if ``client`` is given.
@@ -76,10 +122,10 @@ def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, scheduler: str | No
     m2 = da.from_zarr(m2_z, chunks=m2_z.chunks)  # one task per stored chunk: memory stays at a few chunks
     mean = da.from_zarr(mean_z, chunks=mean_z.chunks)
     name, mean32, prec = store.begin_final(eps)
-    precision = m2.map_blocks(precision_block, n, eps, dtype=np.float32)
+    precision = m2.map_blocks(precision_block, n, eps, shrinkage, dtype=np.float32)
     # da.store writes each block into its own region (blocks = stored chunks: no rechunk, no lock);
     # da.to_zarr would rechunk to ~128 MiB blocks first and multiply the memory per task
     stores = [da.store([precision, mean.astype(np.float32)], [prec, mean32], lock=False, compute=False)]
     with store.switching(name):  # a failed chunk write: one line naming the store, the new arrays removed
         compute(stores, client=client, scheduler=scheduler)
-    store.commit_final(name, eps)
+    store.commit_final(name, eps, shrinkage)

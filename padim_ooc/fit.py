@@ -37,7 +37,7 @@ from .data import ImageFiles, display_path, list_images, loader
 from .errors import PadimError
 from .extractor import Extractor
 from .memory import MemoryPlan, default_budget, plan_memory, tune_allocator
-from .options import FitOptions, eps_for
+from .options import FitOptions, eps_for, shrinkage_for
 from .progress import bar
 from .store import ModelStore, lock, store_exists
 from .welford import Folder
@@ -203,16 +203,17 @@ def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, opti
 
 def finish(store: ModelStore, options: FitOptions, client=None) -> bool:
     """Finalize ``store`` after a fit if asked (``options.finalize``) and needed (not finalized,
-    or finalized with another eps); returns whether it is finalized."""
+    or finalized with another eps or shrinkage); returns whether it is finalized."""
     from .finalize import finalize
 
-    wanted = eps_for(store.attrs, options.eps)
-    if options.finalize and (not store.attrs["finalized"] or wanted != store.attrs["eps"]):
+    eps, shrinkage = eps_for(store.attrs, options.eps), shrinkage_for(store.attrs, options.shrinkage)
+    stale = eps != store.attrs["eps"] or shrinkage != shrinkage_for(store.attrs, None)
+    if options.finalize and (not store.attrs["finalized"] or stale):
         n = store.n_images
         if n < 2:
             raise PadimError(f"the statistics of {n} image{'s' * (n != 1)} are saved in {store.path}, but "
                              "finalize needs at least 2 images: fit more images into it (that fit finalizes it)")
-        finalize(store, eps=wanted, client=client)
+        finalize(store, eps=eps, shrinkage=shrinkage, client=client)
     return bool(store.attrs["finalized"])
 
 

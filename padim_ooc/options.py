@@ -16,6 +16,8 @@ from .errors import PadimError
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_EPS = 0.01
+DEFAULT_SHRINKAGE = "none"
+SHRINKAGES = ("none", "oas")
 DEFAULT_SIGMA = 4.0
 ON_ERROR = ("skip", "fail")
 DEFAULT_FPR = 0.01
@@ -47,6 +49,21 @@ def eps_for(stored: dict, eps: float | None) -> float:
     if eps is not None:
         return eps
     return DEFAULT_EPS if stored.get("eps") is None else stored["eps"]
+
+
+def check_shrinkage(shrinkage: str) -> str:
+    """``shrinkage`` if it is one of :data:`SHRINKAGES`, else a one-line :class:`PadimError`."""
+    if shrinkage not in SHRINKAGES:
+        raise PadimError(f"--shrinkage must be none or oas, not {shrinkage!r}")
+    return shrinkage
+
+
+def shrinkage_for(stored: dict, shrinkage: str | None) -> str:
+    """The shrinkage to finalize with: ``shrinkage`` if given, else the model's current one
+    (``stored["shrinkage"]``; a model finalized before shrinkage existed: ``none``)."""
+    if shrinkage is not None:
+        return shrinkage
+    return stored.get("shrinkage") or DEFAULT_SHRINKAGE
 
 
 @dataclass(frozen=True)
@@ -149,6 +166,9 @@ class FitOptions(RunOptions):
     eps : float, optional
         Added to the covariance diagonal at finalize (None: the model's eps,
         0.01 for a model never finalized).
+    shrinkage : {'none', 'oas'}, optional
+        How finalize estimates the covariances (None: the model's, ``none`` for a
+        model never finalized); see :mod:`padim_ooc.finalize`.
     holdout : float
         Share of the images, in [0, 1), held out of the statistics for calibration, chosen by
         content hash (:func:`padim_ooc.calibration.holdout_selected`); 0: none.
@@ -161,6 +181,7 @@ class FitOptions(RunOptions):
     max_memory: int | None = None
     finalize: bool = True
     eps: float | None = None
+    shrinkage: str | None = None
     holdout: float = 0.0
     fpr: float | None = None
 
@@ -172,6 +193,8 @@ class FitOptions(RunOptions):
             raise PadimError(f"the memory budget must be positive, got {self.max_memory}")
         if self.eps is not None:
             check_eps(self.eps)
+        if self.shrinkage is not None:
+            check_shrinkage(self.shrinkage)
         if not (isinstance(self.holdout, (int, float)) and not isinstance(self.holdout, bool)
                 and math.isfinite(self.holdout) and 0 <= self.holdout < 1):
             raise PadimError(f"--holdout must be a share of the images in [0, 1), e.g. 0.2; got {self.holdout!r}")
@@ -213,5 +236,6 @@ class ScoreOptions(RunOptions):
             raise PadimError(f"--overlays must be all or anomalous, not {self.overlays!r}")
 
 
-__all__ = ["Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "check_fpr", "eps_for", "DEFAULT_FPR", "OVERLAYS", "DEFAULT_BATCH_SIZE",
-           "DEFAULT_EPS", "DEFAULT_SIGMA"]
+__all__ = ["Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "check_fpr", "eps_for", "check_shrinkage",
+           "shrinkage_for", "DEFAULT_BATCH_SIZE", "DEFAULT_EPS", "DEFAULT_FPR", "DEFAULT_SHRINKAGE", "DEFAULT_SIGMA",
+           "OVERLAYS", "SHRINKAGES"]

@@ -22,7 +22,7 @@ from padim_ooc.merge import merge_stores
 from padim_ooc.store import ModelStore
 from padim_ooc.welford import Moments
 
-from conftest import CONFIG, two_pass
+from conftest import CONFIG, NOISE_COV, NOISE_PRECISION, rel, two_pass
 
 
 EPS = 0.01
@@ -76,8 +76,9 @@ def test_fit_on_a_cluster_with_a_relative_model_path(tmp_path, monkeypatch, imag
     monkeypatch.chdir(tmp_path)
     model = po.fit([image_dir / "a"], "m.zarr", extractor=extractor, batch_size=10, client=client)
     assert model.n_images == 20
-    np.testing.assert_allclose(model.covariance(), single.covariance(), rtol=1e-6, atol=1e-9)
+    # the workers' features (another process and thread count): the same to float32 rounding
+    assert rel(model.covariance(), single.covariance()) <= NOISE_COV
     got = ModelStore.open("m.zarr").final_arrays()[1][...]
     want = single.store.final_arrays()[1][...]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert rel(got, want) <= NOISE_PRECISION
     assert os.listdir(folder) == []

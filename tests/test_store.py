@@ -324,10 +324,10 @@ def test_a_failed_finalize_removes_chunks_written_late_by_other_tasks(tmp_path, 
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return await original_set(store, k, value)
 
-        def slow_last_block(m2, n, eps):
+        def slow_last_block(m2, n, eps, *rest):
             if m2.shape[0] == 3:
                 time.sleep(0.5)
-            return original_block(m2, n, eps)
+            return original_block(m2, n, eps, *rest)
 
         with monkeypatch.context() as mp:
             mp.setattr(zarr.storage.LocalStore, "set", full_disk)

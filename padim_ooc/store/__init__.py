@@ -5,9 +5,10 @@
 - :mod:`.chunks`: chunk-level reads and writes, and the checks that a chunk read is real
   (a missing chunk is damage, never zeros).
 - :mod:`.lock`: one writer at a time (a lock file in the store folder).
+- :mod:`.paths`: paths as other processes see them (absolute; ``memory://`` refused for workers).
 """
-from .chunks import (ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, check_shareable, is_url, pause_point, read_array,
-                     shared_path, write_array)
+from .chunks import ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, pause_point, read_array, write_array
+from .paths import check_shareable, is_url, shared_path
 from .model import CHUNK_TARGET_BYTES, SCHEMA_VERSION, ModelStore, positions_per_chunk, store_exists, zarr_options
 
 __all__ = ["ModelStore", "store_exists", "read_array", "write_array", "shared_path", "check_shareable", "is_url",

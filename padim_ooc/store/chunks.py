@@ -15,9 +15,10 @@ one. Three checks catch it (:func:`open_checked` is where the rule lives):
 - :func:`read_array`, after reading: the root still points at the array's group
   (any array opened by :func:`open_checked`).
 
-Also here: chunk-wise writes, flushing to the disk, removing leftovers from a
-local store folder, the test hook :func:`pause_point`, and local paths made
-absolute (:func:`shared_path`).
+Also here, because they are part of writing chunks safely: chunk-wise writes,
+flushing to the disk, removing leftovers from a local store folder, and the test
+hook :func:`pause_point` (named moments inside a write). Paths and URLs:
+:mod:`padim_ooc.store.paths`.
 """
 from __future__ import annotations
 
@@ -67,25 +68,6 @@ def pause_point(name: str) -> None:
                 with open(marker, "w") as f:
                     f.write(f"{name}:{_pause_counts[name]} pid={os.getpid()}\n")
             time.sleep(float(os.environ.get("PADIM_OOC_PAUSE_SECONDS", "600")))
-
-
-def is_url(path: str) -> bool:
-    return "://" in path
-
-
-def shared_path(path: str | os.PathLike) -> str:
-    """``path`` as other processes can open it: URLs as given, local paths made absolute."""
-    text = os.fspath(path)
-    return text if is_url(text) else os.path.abspath(text)
-
-
-def check_shareable(*paths: str, action: str = "run") -> None:
-    """A one-line error for a path Dask workers cannot reach (``memory://`` lives in this
-    process); ``action`` is what the message suggests doing without workers."""
-    for path in paths:
-        if path.startswith("memory://"):
-            raise PadimError(f"{path} lives in this process's memory; Dask workers cannot reach it "
-                             f"({action} without workers, or use a path or URL the workers share)")
 
 
 def live_names(root_attrs: dict[str, Any]) -> set[str]:

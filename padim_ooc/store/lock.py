@@ -54,6 +54,7 @@ from typing import Iterator
 import psutil
 
 from ..errors import PadimError
+from .paths import is_url
 
 LOCK_NAME = ".padim_ooc.lock"
 # an empty or unreadable lock file younger than this may be one being written right now
@@ -63,10 +64,6 @@ log = logging.getLogger("padim_ooc")
 
 _guard = threading.RLock()
 _held: dict[str, list] = {}  # lock path -> [count, created_folder]
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path
 
 
 def lock_path(store: str | os.PathLike) -> str:
@@ -266,7 +263,7 @@ def acquire(store: str | os.PathLike, command: str = "write", *, wait: float = 1
         cannot hold a lock file.
     """
     store = os.fspath(store)
-    if _is_url(store):
+    if is_url(store):
         log.debug("%s is a URL: not locked (run one writer at a time)", store)
         return False
     folder = os.path.abspath(store)
@@ -312,7 +309,7 @@ def acquire(store: str | os.PathLike, command: str = "write", *, wait: float = 1
 def release(store: str | os.PathLike) -> None:
     """Give back one hold of the lock; the last one removes the lock file."""
     store = os.fspath(store)
-    if _is_url(store):
+    if is_url(store):
         return
     folder = os.path.abspath(store)
     path = os.path.join(folder, LOCK_NAME)

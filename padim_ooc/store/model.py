@@ -32,9 +32,9 @@ import zarr
 
 from .. import __version__
 from . import lock
-from .chunks import (ATTR_KEY, COMPLETE_KEY, empty_folder, fsync, is_url as _is_url,
-                     live_names, open_checked, remove_leftovers, pause_point, read_array, shared_path, sync_tree, wait_for_zarr_writes,
-                     write_array)
+from .chunks import (ATTR_KEY, COMPLETE_KEY, empty_folder, fsync, live_names, open_checked, pause_point, read_array,
+                     remove_leftovers, sync_tree, wait_for_zarr_writes, write_array)
+from .paths import is_url as _is_url, shared_path
 from ..config import ModelConfig
 from ..errors import PadimError
 from ..welford import Moments
@@ -447,15 +447,17 @@ class ModelStore:
             prec = self._new_array(f"{name}/precision", None, (positions, dims, dims), "float32", cp)
         return name, mean, prec
 
-    def commit_final(self, name: str, eps: float) -> None:
-        """Point the model at the finalized arrays written under ``name`` (from :meth:`begin_final`)."""
+    def commit_final(self, name: str, eps: float, shrinkage: str = "none") -> None:
+        """Point the model at the finalized arrays written under ``name`` (from :meth:`begin_final`),
+        recording how they were computed (``eps``, ``shrinkage``)."""
         old = self.attrs["final"]
-        # the same statistics finalized with the same eps give the same precision: the calibration holds
-        same = old is not None and old.split("-")[1] == name.split("-")[1] and self.attrs["eps"] == float(eps)
+        # the same statistics finalized the same way give the same precision: the calibration holds
+        same = (old is not None and old.split("-")[1] == name.split("-")[1] and self.attrs["eps"] == float(eps)
+                and self.attrs.get("shrinkage", "none") == shrinkage)
         with self.switching(name):
             self._sync(name)
             pause_point("final-written")
-            self._write_attrs(final=name, finalized=True, eps=float(eps),
+            self._write_attrs(final=name, finalized=True, eps=float(eps), shrinkage=shrinkage,
                               finals=int(name.rsplit("-", 1)[1]), **({} if same else self._stale_calibration()))
         self._sync_root()
         if old != name:
