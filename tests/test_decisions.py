@@ -352,3 +352,18 @@ def test_python_api_calibrates_and_decides(tmp_path, calibrated, image_dir):
     assert list(cal.labels(scores)) == ["anomalous" if s > cal.threshold else "normal" for s in scores]
     with pytest.raises(po.PadimError, match="between 0 and 1"):
         po.calibrate_model(model, fpr=1.0)
+
+
+def test_too_few_held_out_images_keep_the_fit_and_say_what_to_do(tmp_path, image_dir, capsys):
+    """alpha = 0.01 (the default) needs 99 held-out images: the fit is saved, the error is one line
+    naming the smallest alpha they allow, and `calibrate M --fpr A` then uses the stored hold-out."""
+    model = tmp_path / "m.zarr"
+    files = sorted((image_dir / "a").glob("*.png"))
+    n = sum(selected(p, 0.5) for p in files)
+    err = cli_error(capsys, "fit", image_dir / "a", "--model", model, "--holdout", 0.5, *FIT,
+                    text="is fitted but not calibrated: alpha=0.01 needs at least 99")
+    assert f"1/(n+1) = {1 / (n + 1):.4g}" in err
+    store = ModelStore.open(model)
+    assert store.attrs["finalized"] and store.calibration() is None and len(store.attrs["holdout"]["images"]) == n
+    result = cli_json(capsys, "calibrate", model, "--fpr", 0.5, *RUN)
+    assert result["status"] == "calibrated" and result["n"] == n
