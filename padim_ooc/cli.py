@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
 import typer
 
 from . import __version__
@@ -221,7 +222,18 @@ def score(
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
 ):
-    """Score images: OUT/scores.csv with one row `path,score` per image, in input order."""
+    """Score images: OUT/scores.csv with one row `path,score` per image, in input order.
+
+    MODEL may also be an export folder (`padim-ooc export`): it is then scored by the
+    torch-free runtime (onnxruntime or OpenVINO), with the same outputs."""
+    from .export.runtime import is_export
+
+    if is_export(model):
+        if workers is not None or scheduler is not None or weights is not None:
+            raise PadimError("an export is scored in this process: --workers, --scheduler and --weights "
+                             "do not apply to it")
+        return _score_export(model, _need_data(data, f"padim-ooc score {model} data/test --out out"), out,
+                             maps=maps, sigma=sigma, batch_size=batch_size, on_error=on_error)
     from .api import run_score
     from .data import list_images
     from .options import Cluster, ScoreOptions
@@ -240,6 +252,70 @@ def score(
         for i, err in bad:
             log.warning("skipped %s: %s", writer.name(i), err)
     typer.echo(json.dumps({"scored": writer.count, "skipped": len(bad), "out": str(out)}))
+
+
+def _score_export(folder: str, data: List[str], out: str, *, maps: bool, sigma: float, batch_size: int,
+                  on_error: str) -> None:
+    """``padim-ooc score EXPORT ...``: the runtime's scores written as a model's are."""
+    import csv
+
+    from .data import list_images
+    from .export.runtime import ExportError, Scorer
+    from .outputs import ScoreWriter
+
+    if on_error not in ("skip", "fail"):
+        raise PadimError(f"--on-error must be skip or fail, not {on_error!r}")
+    try:
+        scorer = Scorer(folder)
+        if float(sigma) != float(scorer.meta["sigma"]):
+            raise PadimError(f"the export {folder} has its maps blurred with sigma {scorer.meta['sigma']} (part "
+                             f"of the graph), not {sigma}: leave --sigma out, or export again with --sigma {sigma}")
+        paths = list_images(data)
+        calibrated = scorer.calibration is not None
+        p_values, labels = np.full(len(paths), np.nan), np.full(len(paths), "", object)
+        skipped = 0
+        with ScoreWriter(out, paths, crop=scorer.crop, maps=maps) as writer:
+            for indices, res, errors in scorer.score_files(paths, batch_size=batch_size):
+                for i, err in errors:
+                    if on_error == "fail":
+                        raise PadimError(f"bad image {writer.name(i)}: {err}")
+                    log.warning("skipped %s: %s", writer.name(i), err)
+                skipped += len(errors)
+                if res is not None:
+                    writer.add(indices, res["scores"], res["maps"])
+                    if calibrated:
+                        p_values[indices], labels[indices] = res["p_values"], res["labels"]
+        if calibrated:  # the calibrated columns, as a calibrated model writes them
+            with writer.fs.open(writer.root + "/scores.csv", "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "score", "p_value", "label"])
+                for i in np.flatnonzero(writer.done):
+                    w.writerow([writer.name(i), repr(float(writer.scores[i])), repr(float(p_values[i])), labels[i]])
+    except ExportError as err:
+        raise PadimError(str(err)) from None
+    typer.echo(json.dumps({"scored": writer.count, "skipped": skipped, "out": str(out), "engine": scorer.engine}))
+
+
+@command
+def export(
+    model: str = typer.Argument(..., help="Model store (finalized)."),
+    out: str = typer.Option(..., "--out", help="Export folder (new or empty): the graph, metadata.json, padim_runtime.py."),
+    format: str = typer.Option("onnx", "--format", help="onnx or openvino (converted from the ONNX graph)."),
+    float16: bool = typer.Option(False, "--float16", help="Precision matrices stored in float16 (half the size; "
+                                 "see docs/benchmarks.md for the score error)."),
+    sigma: float = SigmaOpt,
+    weights: Optional[str] = ModelWeightsOpt,
+    external_data: bool = typer.Option(False, "--external-data", help="Statistics in statistics.bin even below "
+                                       "the 2 GB protobuf limit (above it they always are)."),
+):
+    """Export a model to one scorer graph (ONNX or OpenVINO) that runs without torch."""
+    from .export.exporter import export_model
+
+    meta = export_model(model, out, format=format, float16=float16, sigma=sigma, weights=_weights(weights),
+                        external_data=True if external_data else None)
+    sizes = {name: rec["bytes"] for name, rec in meta["files"].items()}
+    typer.echo(json.dumps({"export": str(out), "format": format, "files": sizes,
+                           "calibrated": meta["calibration"] is not None}))
 
 
 @command
