@@ -113,7 +113,7 @@ def _round32(value: float, *, down: bool) -> float:
 
 def export_model(model: str | os.PathLike, out: str | os.PathLike, *, format: str = "onnx",
                  float16: bool = False, sigma: float = DEFAULT_SIGMA, weights: str | None = None,
-                 external_data: bool | None = None, opset: int = OPSET) -> dict:
+                 external_data: bool | None = None, opset: int = OPSET, exporter: str = "torchscript") -> dict:
     """Export the finalized model at ``model`` to the folder ``out`` (created; must be new or empty).
 
     Parameters
@@ -134,6 +134,8 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, format: st
     -------
     dict : the metadata written to ``out/metadata.json``.
     """
+    if exporter not in ("torchscript", "dynamo"):
+        raise PadimError(f"unknown exporter {exporter!r}: use torchscript or dynamo")
     if format not in FORMATS:
         raise PadimError(f"unknown export format {format!r}: use onnx or openvino")
     out = Path(out)
@@ -154,7 +156,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, format: st
     try:
         graph = ScorerGraph(extractor, sigma, calibration)
         names = ["scores", "maps"] + (["p_values", "anomalous"] if calibration else [])
-        _trace(graph, out / GRAPH, crop, p, d, stat_dtype, names, opset)
+        _trace(graph, out / GRAPH, crop, p, d, stat_dtype, names, opset, exporter == "dynamo")
         digest = _attach_statistics(out / GRAPH, mean_arr, prec_arr, stat_dtype, external_data)
         files = [GRAPH] + ([STATISTICS] if external_data else [])
         if format == "openvino":
@@ -205,18 +207,34 @@ def _calibration(attrs: dict) -> dict | None:
     return record
 
 
-def _trace(graph: ScorerGraph, path: Path, crop: int, p: int, d: int, stat_dtype, names, opset) -> None:
-    """The TorchScript-based exporter (``dynamo=False``): a fixed graph, traced in seconds
-    (docs/design.md says why not the dynamo exporter)."""
+def _trace(graph: ScorerGraph, path: Path, crop: int, p: int, d: int, stat_dtype, names, opset,
+           dynamo: bool) -> None:
+    """torch's ONNX exporter on the scorer; the TorchScript-based one (``dynamo=False``) by default:
+    the graph is fixed (no data-dependent control flow), traced in about a second
+    (docs/design.md, "Export")."""
     images = torch.zeros(2, 3, crop, crop)
     mean = torch.zeros(p, d)
     prec = torch.zeros(1, d, d, dtype=torch.float16 if stat_dtype == np.float16 else torch.float32).expand(p, d, d)
     axes = {"images": {0: "N"}, "scores": {0: "N"}, "maps": {0: "N"}}
     axes |= {n: {0: "N"} for n in names[2:]}
-    with torch.no_grad():
-        torch.onnx.export(graph, (images, mean, prec), str(path), dynamo=False, opset_version=opset,
-                          input_names=["images", "mean", "precision"], output_names=names,
-                          dynamic_axes=axes, do_constant_folding=True)
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer notes
+        if dynamo:
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                program = torch.onnx.export(
+                    graph, (images, mean, prec.contiguous()), dynamo=True, opset_version=max(opset, 18),
+                    input_names=["images", "mean", "precision"], output_names=names,
+                    dynamic_shapes=({0: torch.export.Dim("N")}, None, None))
+                program.save(str(path))
+        else:
+            torch.onnx.export(graph, (images, mean, prec), str(path), dynamo=False, opset_version=opset,
+                              input_names=["images", "mean", "precision"], output_names=names,
+                              dynamic_axes=axes, do_constant_folding=True)
 
 
 def _attach_statistics(path: Path, mean_arr, prec_arr, stat_dtype, external: bool) -> str:

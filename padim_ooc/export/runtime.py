@@ -190,8 +190,10 @@ def write_metadata(folder, meta: dict) -> None:
 
 
 def is_export(path) -> bool:
-    """Whether ``path`` is a folder with a metadata.json (an export, maybe a damaged one)."""
-    return (Path(path) / METADATA).is_file()
+    """Whether ``path`` is (or looks like) an export folder: metadata.json, or the graph or the
+    runtime without it (a damaged export, which :func:`read_metadata` then refuses)."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in (METADATA, "model.onnx", "model.xml", RUNTIME_FILE))
 
 
 def read_metadata(folder) -> dict:
@@ -327,6 +329,11 @@ class Scorer:
         batch = np.asarray(batch)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, self.crop, self.crop):
             raise ExportError(f"expected a batch of shape (N, 3, {self.crop}, {self.crop}), got {tuple(batch.shape)}")
+        if not len(batch):  # the engines refuse an empty batch
+            empty = {"scores": np.zeros(0, np.float32), "maps": np.zeros((0, self.crop, self.crop), np.float32)}
+            if self.calibration is not None:
+                empty |= {"p_values": np.zeros(0), "labels": np.zeros(0, "<U9")}
+            return empty
         res = dict(zip(self.outputs, self._run(np.ascontiguousarray(batch, np.float32))))
         out = {"scores": np.asarray(res["scores"], np.float32), "maps": np.asarray(res["maps"], np.float32)}
         if "p_values" in res:
