@@ -311,7 +311,8 @@ def test_bad_images_are_skipped_or_fail(capsys, good_export, tmp_path, image_dir
 @pytest.mark.slow
 def test_export_above_2gb_writes_loads_and_scores(tmp_path, image_dir):
     """A synthetic store whose precision is 2.2 GB (resnet18 at crop 224: 3136 positions, d = 420)
-    exports with external data, loads and scores like PyTorch (about 3 minutes here)."""
+    exports with external data, loads and scores like PyTorch (40 s here, 19 s of it the export;
+    peak RSS 3.4 GB, 4.4 GB of disk)."""
     import padim_ooc as po
     from padim_ooc.store import ModelStore
 
