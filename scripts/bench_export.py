@@ -61,7 +61,6 @@ def main():
         model = out / f"{name}.zarr"
         po.fit(train, model, extractor=ex, batch_size=10, loader_workers=0)
         m = po.open_model(model, device="cpu")
-        batch = torch.stack([ex.preprocess(po.data.read_image(p)[0]) for p in test]) if hasattr(po, "data") else None
         from padim_ooc.data import read_image
 
         batch = torch.stack([ex.preprocess(read_image(p)[0]) for p in test])

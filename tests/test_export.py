@@ -286,8 +286,6 @@ def test_wrong_input_size_and_options_are_one_line(capsys, good_export, tmp_path
               text="--workers")
     cli_error(capsys, "export", good_export, "--out", tmp_path / "e", text="model")
     cli_error(capsys, "export", tmp_path / "nothing", "--out", tmp_path / "e", text="model not found")
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "x").write_text("x")
 
 
 def test_export_refuses_a_full_folder_and_bad_format(capsys, fitted, tmp_path):
