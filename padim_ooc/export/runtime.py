@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -47,6 +48,7 @@ class ExportError(Exception):
 
 
 # ---- preprocessing ------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
 def _aa_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, int]:
     """torch's antialiased bilinear weights for one axis, as its uint8 kernel rounds them.
 
@@ -85,10 +87,13 @@ def _resize_axis(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     if n_in == n_out:
         return a
     index, w, precision = _aa_weights(n_in, n_out)
-    x = np.moveaxis(a, axis, 0).astype(np.int64)  # (n_in, rest...)
-    acc = np.full((n_out,) + x.shape[1:], 1 << (precision - 1), np.int64)
+    # int32 is exact: weights < 2**15 summing to about 2**precision <= 2**22, samples <= 255
+    x = np.ascontiguousarray(np.moveaxis(a, axis, 0)).astype(np.int32)  # (n_in, rest...)
+    w = w.astype(np.int32)
+    acc = np.full((n_out,) + x.shape[1:], 1 << (precision - 1), np.int32)
+    shape = (-1,) + (1,) * (x.ndim - 1)
     for k in range(index.shape[1]):
-        acc += w[:, k].reshape((-1,) + (1,) * (x.ndim - 1)) * x[index[:, k]]
+        acc += w[:, k].reshape(shape) * x[index[:, k]]
     out = np.clip(acc >> precision, 0, 255).astype(np.uint8)
     return np.moveaxis(out, 0, axis)
 
