@@ -232,6 +232,9 @@ def score(
         if workers is not None or scheduler is not None or weights is not None:
             raise PadimError("an export is scored in this process: --workers, --scheduler and --weights "
                              "do not apply to it")
+        if device not in ("auto", "cpu"):
+            raise PadimError(f"an export scores on the CPU (onnxruntime or OpenVINO), not --device {device}: "
+                             "leave --device out, or score the model store itself")
         return _score_export(model, _need_data(data, f"padim-ooc score {model} data/test --out out"), out,
                              maps=maps, sigma=sigma, batch_size=batch_size, on_error=on_error)
     from .api import run_score

@@ -284,6 +284,8 @@ def test_wrong_input_size_and_options_are_one_line(capsys, good_export, tmp_path
               text="sigma 4.0")
     cli_error(capsys, "score", good_export, image_dir / "b", "--out", tmp_path / "o", "--workers", "2",
               text="--workers")
+    cli_error(capsys, "score", good_export, image_dir / "b", "--out", tmp_path / "o", "--device", "cuda",
+              text="scores on the CPU")
     cli_error(capsys, "export", good_export, "--out", tmp_path / "e", text="model")
     cli_error(capsys, "export", tmp_path / "nothing", "--out", tmp_path / "e", text="model not found")
 
