@@ -239,7 +239,22 @@ def score(
     scheduler: Optional[str] = SchedulerOpt,
 ):
     """Score images: OUT/scores.csv with one row per image, in input order: `path,score`, and on a
-    calibrated model `path,score,p_value,label` (label anomalous or normal)."""
+    calibrated model `path,score,p_value,label` (label anomalous or normal).
+
+    MODEL may also be an export folder (`padim-ooc export`): it is then scored by the
+    torch-free runtime (onnxruntime or OpenVINO), with the same outputs."""
+    from .export.runtime import is_export
+
+    if is_export(model):
+        if workers is not None or scheduler is not None or weights is not None:
+            raise PadimError("an export is scored in this process: --workers, --scheduler and --weights "
+                             "do not apply to it")
+        if device not in ("auto", "cpu"):
+            raise PadimError(f"an export scores on the CPU (onnxruntime or OpenVINO), not --device {device}: "
+                             "leave --device out, or score the model store itself")
+        return _score_export(model, _need_data(data, f"padim-ooc score {model} data/test --out out"), out,
+                             maps=maps, sigma=sigma, batch_size=batch_size, on_error=on_error, masks=masks,
+                             overlays=overlays)
     from .api import run_score
     from .data import list_images
     from .options import Cluster, ScoreOptions
@@ -300,6 +315,68 @@ def calibrate(
                              device=device, weights=_weights(weights), loader_workers=loader_workers,
                              progress=not quiet, workers=workers, scheduler=scheduler)
     typer.echo(json.dumps({"model": model} | result))
+
+
+def _score_export(folder: str, data: List[str], out: str, *, maps: bool, sigma: float, batch_size: int,
+                  on_error: str, masks: bool = False, overlays: Optional[str] = None) -> None:
+    """``padim-ooc score EXPORT ...``: the runtime's scores written as a model's are (the same
+    ScoreWriter, with the export's calibration: p-values, labels, masks, overlays)."""
+    from .calibration import Calibration
+    from .data import list_images
+    from .export.runtime import ExportError, Scorer
+    from .options import ScoreOptions
+    from .outputs import ScoreWriter
+
+    ScoreOptions(batch_size=batch_size, on_error=on_error, sigma=sigma, maps=maps, masks=masks, overlays=overlays)
+    try:
+        scorer = Scorer(folder)
+        if float(sigma) != float(scorer.meta["sigma"]):
+            raise PadimError(f"the export {folder} has its maps blurred with sigma {scorer.meta['sigma']} (part "
+                             f"of the graph), not {sigma}: leave --sigma out, or export again with --sigma {sigma}")
+        calibration = None if scorer.calibration is None else Calibration.from_attrs(scorer.calibration)
+        if calibration is None and (masks or overlays):
+            raise PadimError(f"--{'masks' if masks else 'overlays'} needs a calibrated model (a threshold): the "
+                             f"export {folder} was made from a model without a calibration")
+        paths = list_images(data)
+        skipped = 0
+        with ScoreWriter(out, paths, crop=scorer.crop, maps=maps, calibration=calibration,
+                         resize=int(scorer.preprocess_record["resize"]), masks=masks, overlays=overlays) as writer:
+            for indices, res, errors in scorer.score_files(paths, batch_size=batch_size):
+                for i, err in errors:
+                    if on_error == "fail":
+                        raise PadimError(f"bad image {writer.name(i)}: {err}")
+                    log.warning("skipped %s: %s", writer.name(i), err)
+                skipped += len(errors)
+                if res is not None:
+                    writer.add(indices, res["scores"], res["maps"])
+    except ExportError as err:
+        raise PadimError(str(err)) from None
+    result = {"scored": writer.count, "skipped": skipped, "out": str(out), "engine": scorer.engine}
+    if calibration is not None:
+        result |= {"anomalous": writer.anomalous, "threshold": calibration.threshold}
+    typer.echo(json.dumps(result))
+
+
+@command
+def export(
+    model: str = typer.Argument(..., help="Model store (finalized)."),
+    out: str = typer.Option(..., "--out", help="Export folder (new or empty): the graph, metadata.json, padim_runtime.py."),
+    format: str = typer.Option("onnx", "--format", help="onnx or openvino (converted from the ONNX graph)."),
+    float16: bool = typer.Option(False, "--float16", help="Precision matrices stored in float16 (half the size; "
+                                 "see docs/benchmarks.md for the score error)."),
+    sigma: float = SigmaOpt,
+    weights: Optional[str] = ModelWeightsOpt,
+    external_data: bool = typer.Option(False, "--external-data", help="Statistics in statistics.bin even below "
+                                       "the 2 GB protobuf limit (above it they always are)."),
+):
+    """Export a model to one scorer graph (ONNX or OpenVINO) that runs without torch."""
+    from .export.exporter import export_model
+
+    meta = export_model(model, out, format=format, float16=float16, sigma=sigma, weights=_weights(weights),
+                        external_data=True if external_data else None)
+    sizes = {name: rec["bytes"] for name, rec in meta["files"].items()}
+    typer.echo(json.dumps({"export": str(out), "format": format, "files": sizes,
+                           "calibrated": meta["calibration"] is not None}))
 
 
 @command
