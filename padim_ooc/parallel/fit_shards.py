@@ -26,6 +26,7 @@ from typing import Sequence
 
 from ..config import ModelConfig
 from ..errors import PadimError
+from ..sources import as_item
 from ..extractor import Extractor
 from ..fit import FitSummary, FitTarget, fold_images, memory_plan, shard_options
 from ..memory import default_budget
@@ -195,7 +196,7 @@ def fit_shard(paths: Sequence[str], part: str, config: ModelConfig, *, model: st
         store = ModelStore.open(part, writable=True) if store_exists(part) else ModelStore.create(part, config)
         summary = FitSummary(model=part)
         try:
-            fold_images(store, extractor, [Path(p) for p in paths], options, plan, summary, known=known,
+            fold_images(store, extractor, [as_item(p) for p in paths], options, plan, summary, known=known,
                         claimed=claimed)
         finally:
             store.close()

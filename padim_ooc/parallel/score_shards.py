@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..options import Cluster, ScoreOptions
+from ..sources import as_item
 from ..score import Model, score_images
 from ..store import ModelStore, shared_path
 from .tasks import results, shard_ranges, user_errors_as_values, worker_count
@@ -96,7 +97,7 @@ def score_part_of(model: str, paths: Sequence[str], first: int, options: ScoreOp
         if options.maps:
             out_maps.append(batch_maps.astype(np.float16))
 
-    bad = score_images(m, [Path(p) for p in paths], options, on_batch)
+    bad = score_images(m, [as_item(p) for p in paths], options, on_batch)
     crop = m.attrs["crop"]
     return (first + np.asarray(idx, dtype=np.int64),
             np.concatenate(scores) if scores else np.zeros(0, np.float32),
