@@ -73,6 +73,20 @@ def store_exists(path: str | os.PathLike) -> bool:
     return ATTR_KEY in group.attrs
 
 
+def _clear_url(path: str) -> None:
+    """Remove what a failed creation left at the URL ``path``, but the writer's lock object."""
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    try:
+        fs.invalidate_cache()
+        keys = [k for k in fs.find(inner) if not k.endswith("/" + lock.LOCK_NAME)]
+    except FileNotFoundError:
+        return
+    if keys:
+        fs.rm(keys)
+
+
 class ModelStore:
     """A padim_ooc model store on disk (or at any fsspec URL zarr accepts)."""
 
@@ -86,8 +100,8 @@ class ModelStore:
 
     def _hold_lock(self) -> "ModelStore":
         # the writer's lock (taken before opening) is given back by close() or when this object goes
-        if lock.held(self.path) and not _is_url(self.path):
-            self._unlock = weakref.finalize(self, lock.release, os.path.abspath(self.path))
+        if lock.held(self.path):
+            self._unlock = weakref.finalize(self, lock.release, self.path)
         return self
 
     def close(self) -> None:
@@ -142,8 +156,10 @@ class ModelStore:
             "eps": None,
             "chunk_positions": positions_per_chunk(config.dims),
         }
+        if _is_url(path):
+            _clear_url(path)
         try:  # group and attributes in one write: a store is never seen without its attributes
-            group = zarr.create_group(path, overwrite=_is_url(path), attributes={ATTR_KEY: attrs},
+            group = zarr.create_group(path, overwrite=False, attributes={ATTR_KEY: attrs},
                                       **zarr_options(path))
         except OSError as err:
             raise PadimError(f"cannot create the model store {path}: {err.strerror or err}") from None
