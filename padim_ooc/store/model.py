@@ -281,6 +281,18 @@ class ModelStore:
         """Digests of every image accumulated so far."""
         return {bytes(r) for rows in self._ledger_parts() for r in rows}
 
+    def identities(self) -> tuple[np.ndarray, np.ndarray]:
+        """The cache of cheap identities (:func:`padim_ooc.sources.identity`) of images read
+        before: (identities sorted, as an ndarray of shape (k,) of 16-byte void, and their
+        content digests, ndarray of shape (k, 16) uint8). Empty for a store written before
+        the cache existed (root attribute ``seen`` absent)."""
+        names = self.attrs.get("seen") or []
+        parts = [read_array(self._array("seen", name), check_live=False) for name in names]
+        rows = np.concatenate(parts) if parts else np.zeros((0, 32), np.uint8)
+        ids = np.ascontiguousarray(rows[:, :16]).view("V16").ravel()
+        order = np.argsort(ids, kind="stable")
+        return ids[order], rows[order, 16:]
+
     def ledger_digests(self) -> np.ndarray:
         """ndarray of shape (n_digests, 16), uint8: every ledger digest, segment after segment."""
         parts = self._ledger_parts()
@@ -354,13 +366,14 @@ class ModelStore:
             raise PadimError(f"the model store {self.path} was written but flushing it to the disk "
                              f"failed: {err.strerror or err}") from None
 
-    def checkpoint(self, moments: Moments, new_digests: Iterable[bytes]) -> None:
+    def checkpoint(self, moments: Moments, new_digests: Iterable[bytes], seen: Iterable[bytes] = ()) -> None:
         """Write ``moments`` and the new digests as the new state, then switch to it.
 
         Crash-safe: the state and ledger segment are written under new names and
         flushed to the disk, then one atomic write of the root attributes
         switches to them. Killed at any moment, the store holds either the
-        previous checkpoint or this one.
+        previous checkpoint or this one. ``seen``: 32-byte records (identity,
+        content digest) for the cache of identities (see :meth:`identities`).
 
         Raises
         ------
@@ -376,7 +389,7 @@ class ModelStore:
         with self.switching(state):
             self._new_array(f"{state}/mean", mean, mean.shape, "float64", cp)
             self._new_array(f"{state}/m2", m2, m2.shape, "float64", cp)
-        self.commit_state(state, int(moments.n), digests)
+        self.commit_state(state, int(moments.n), digests, seen)
 
     def begin_state(self) -> tuple[str, zarr.Array, zarr.Array]:
         """Create the empty arrays of the next state, to be filled chunk by chunk.
@@ -400,25 +413,32 @@ class ModelStore:
             self.group[f"{name}/mean"][start:stop] = moments.mean.detach().to("cpu", torch.float64).numpy()
             self.group[f"{name}/m2"][start:stop] = moments.m2.detach().to("cpu", torch.float64).numpy()
 
-    def commit_state(self, name: str, n_images: int, new_digests: np.ndarray) -> None:
+    def commit_state(self, name: str, n_images: int, new_digests: np.ndarray, seen: Iterable[bytes] = ()) -> None:
         """Switch to the state written under ``name`` (from :meth:`begin_state`).
 
         ``new_digests`` (k, 16) uint8 are the images it holds beyond the
         current state; they become a new ledger segment in the same switch.
+        ``seen`` (32-byte records: identity, digest) extend the cache of
+        identities (``seen/<segment>``, root attribute ``seen``) in the same switch.
         """
         seq = int(name.split("-")[1])
         ledger = list(self.attrs["ledger"])
         digests = np.ascontiguousarray(new_digests, dtype=np.uint8).reshape(-1, 16)
         segment = f"{seq:06d}"
+        records = np.frombuffer(b"".join(seen), dtype=np.uint8).reshape(-1, 32)
+        cache = list(self.attrs.get("seen") or [])
         old = [self.attrs["state"], self.attrs["final"]]
-        with self.switching(name, f"ledger/{segment}"):
+        with self.switching(name, f"ledger/{segment}", f"seen/{segment}"):
             if len(digests):
                 self._new_array(f"ledger/{segment}", digests, digests.shape, "uint8", 1 << 20)
                 ledger.append(segment)
-            self._sync(name, f"ledger/{segment}")
+            if len(records):
+                self._new_array(f"seen/{segment}", records, records.shape, "uint8", 1 << 20)
+                cache.append(segment)
+            self._sync(name, f"ledger/{segment}", *([f"seen/{segment}"] if len(records) else []))
             pause_point("checkpoint-written")
             self._write_attrs(seq=seq, state=name, ledger=ledger, n_images=int(n_images),
-                              finalized=False, final=None)
+                              finalized=False, final=None, **({"seen": cache} if cache else {}))
         self._sync_root()
         pause_point("checkpoint-switched")
         self._remove(old)
