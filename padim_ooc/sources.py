@@ -232,7 +232,10 @@ def tar_members(shard: str) -> list[TarMember]:
                     out.append(TarMember.of(shard, m.name, m.offset_data, m.size, tag))
             total = _size(f)
         except (tarfile.TarError, OSError, EOFError) as err:
-            out.append(TarMember.of(shard, f"(damaged after byte {end}: {err})", end, -1, None))
+            total = _size(f)
+            if total is None or end <= total:  # (a member cut short is its own counted skip)
+                out.append(TarMember.of(shard, f"(damaged after byte {end}: {err})", end, -1, None))
+            total = None
         if total is not None and total - end > 2 * tarfile.RECORDSIZE:  # listing stopped at a bad header
             out.append(TarMember.of(shard, f"(damaged after byte {end}: invalid tar header)", end, -1, None))
     return out

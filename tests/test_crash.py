@@ -283,7 +283,7 @@ def crash_and_resume(tmp_path, crash_images, reference, moments, seed):
         assert np.array_equal(pa_prec[...], pb_prec[...]) and np.array_equal(pa_mean[...], pb_mean[...])
         # nothing left behind: one state, one final, the ledger, the attributes
         left = sorted(os.listdir(model))
-        assert len(left) == 4 and "ledger" in left and "zarr.json" in left, left
+        assert len(left) == 5 and {"ledger", "seen", "zarr.json"} <= set(left), left  # seen: identities
     except AssertionError as err:  # the trail makes a failure reproducible: seed, draws, where each kill landed
         raise AssertionError(f"{err}\nkill trail (seed {seed}, timeline {timeline}): {trail}") from None
     return trail

@@ -495,19 +495,25 @@ class ModelStore:
         attributes do not point at, half-deleted folders, temporary files."""
         live = {self.attrs["state"], self.attrs["final"]}
         keep = set(self.attrs["ledger"])
+        cache = set(self.attrs.get("seen") or [])
         if not _is_url(self.path):  # by listing the folders: also catches half-deleted groups
             remove_leftovers(self.path, live, keep)
+            seen_dir = os.path.join(self.path, "seen")
+            for key in os.listdir(seen_dir) if os.path.isdir(seen_dir) else []:
+                if key not in cache and key != "zarr.json":
+                    shutil.rmtree(os.path.join(seen_dir, key), ignore_errors=True)
             return
         with warnings.catch_warnings():  # zarr warns about files that are no Zarr node
             warnings.filterwarnings("ignore", message="Object at .* is not recognized")
             for key in list(self.group.group_keys()):
                 if key not in live and (key.startswith("state-") or key.startswith("final-")):
                     del self.group[key]
-            if "ledger" in self.group:
-                ledger = self.group["ledger"]
-                for key in list(ledger.array_keys()):
-                    if key not in keep:
-                        del ledger[key]
+            for name, wanted in (("ledger", keep), ("seen", cache)):
+                if name in self.group:
+                    group = self.group[name]
+                    for key in list(group.array_keys()):
+                        if key not in wanted:
+                            del group[key]
 
 
 __all__ = ["ModelStore", "store_exists", "zarr_options", "positions_per_chunk", "SCHEMA_VERSION", "CHUNK_TARGET_BYTES"]
