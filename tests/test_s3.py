@@ -288,3 +288,21 @@ def test_sharded_fit_on_a_cluster_reading_from_s3_into_s3(s3, bucket_images, ext
     ref_mean, ref_cov = exact_stats(extractor, bucket_images, 4)
     assert n == 16 and rel(mean, ref_mean) < 1e-5 and rel(cov, ref_cov) < 1e-4
     assert not s3.exists("models-d/m.zarr.parts")  # the partial stores are removed
+
+
+def test_the_readme_bucket_example_runs_against_the_test_server(s3, bucket_images):
+    """The README's three lines, as written, on s3://my-bucket (the fit with this module's small
+    random-weight model appended: the README's default downloads pretrained weights)."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("<!-- bucket-example:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("#")[0].split() for line in block.splitlines()]
+    assert lines[0][:3] == ["pip", "install", "-e"] and len(lines) == 3
+    s3.mkdir("my-bucket")
+    upload(s3, bucket_images[:10], "my-bucket/train/good")
+    upload(s3, bucket_images[10:], "my-bucket/test")
+    fit, score = lines[1], lines[2]
+    assert fit[0] == score[0] == "padim-ooc"
+    out = json.loads(run_cli(*fit[1:], *CLI_MODEL).stdout)
+    assert out["n_images"] == 10 and out["finalized"]
+    assert json.loads(run_cli(*score[1:]).stdout)["scored"] == 6
+    assert len(s3.cat_file("my-bucket/scores/scores.csv").decode().splitlines()) == 7
