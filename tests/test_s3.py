@@ -122,7 +122,10 @@ def test_fit_from_s3_into_s3_then_incremental_without_reading_the_past(s3, bucke
     read.clear()  # an object replaced (another ETag) is read and hashed again: new content, added
     changed = write_images(bucket_images[0].parent.parent / "changed", 1, seed=99)[0]
     s3.put_file(str(changed), "images/train/a/img0000.png")
-    third = fit_summary(["s3://images/train/"], url, extractor, batch_size=4, loader_workers=0)
+    try:
+        third = fit_summary(["s3://images/train/"], url, extractor, batch_size=4, loader_workers=0)
+    finally:
+        s3.put_file(str(bucket_images[0]), "images/train/a/img0000.png")  # as the other tests expect it
     assert (third.added, third.already_seen, read) == (1, 15, ["images/train/a/img0000.png"])
 
 
@@ -266,6 +269,7 @@ def test_merge_finalize_and_sharded_score_from_s3_into_s3(s3, bucket_images, ext
     ref_mean, ref_cov = exact_stats(extractor, bucket_images, 4)
     assert n == 16 and rel(mean, ref_mean) < 1e-5 and rel(cov, ref_cov) < 1e-4
     assert ModelStore.open(merged).attrs["finalized"]
+    assert len(ModelStore.open(merged).identity_records()) == 16  # the parts' caches of identities
 
     out = "s3://models-m/scores"
     proc = run_cli("score", merged, "s3://images/train/", "--out", out, "--workers", "2", "--batch-size", "4",
@@ -288,6 +292,13 @@ def test_sharded_fit_on_a_cluster_reading_from_s3_into_s3(s3, bucket_images, ext
     ref_mean, ref_cov = exact_stats(extractor, bucket_images, 4)
     assert n == 16 and rel(mean, ref_mean) < 1e-5 and rel(cov, ref_cov) < 1e-4
     assert not s3.exists("models-d/m.zarr.parts")  # the partial stores are removed
+    assert len(ModelStore.open(url).identity_records()) == 16  # the shards' caches, merged in
+
+
+def test_a_refit_after_a_sharded_fit_reads_nothing(s3, monkeypatch):
+    read = counting_reads(monkeypatch)  # (the model of the test above)
+    again = fit_summary(["s3://images/train/"], "s3://models-d/m.zarr", batch_size=4, loader_workers=0)
+    assert (again.added, again.already_seen, read) == (0, 16, [])
 
 
 def test_the_readme_bucket_example_runs_against_the_test_server(s3, bucket_images):

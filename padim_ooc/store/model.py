@@ -286,12 +286,16 @@ class ModelStore:
         before: (identities sorted, as an ndarray of shape (k,) of 16-byte void, and their
         content digests, ndarray of shape (k, 16) uint8). Empty for a store written before
         the cache existed (root attribute ``seen`` absent)."""
-        names = self.attrs.get("seen") or []
-        parts = [read_array(self._array("seen", name), check_live=False) for name in names]
-        rows = np.concatenate(parts) if parts else np.zeros((0, 32), np.uint8)
+        rows = self.identity_records()
         ids = np.ascontiguousarray(rows[:, :16]).view("V16").ravel()
         order = np.argsort(ids, kind="stable")
         return ids[order], rows[order, 16:]
+
+    def identity_records(self) -> np.ndarray:
+        """ndarray of shape (k, 32), uint8: the cache of identities as stored (identity, digest)."""
+        names = self.attrs.get("seen") or []
+        parts = [read_array(self._array("seen", name), check_live=False) for name in names]
+        return np.concatenate(parts) if parts else np.zeros((0, 32), np.uint8)
 
     def ledger_digests(self) -> np.ndarray:
         """ndarray of shape (n_digests, 16), uint8: every ledger digest, segment after segment."""
@@ -425,7 +429,8 @@ class ModelStore:
         ledger = list(self.attrs["ledger"])
         digests = np.ascontiguousarray(new_digests, dtype=np.uint8).reshape(-1, 16)
         segment = f"{seq:06d}"
-        records = np.frombuffer(b"".join(seen), dtype=np.uint8).reshape(-1, 32)
+        records = (np.ascontiguousarray(seen, dtype=np.uint8) if isinstance(seen, np.ndarray)
+                   else np.frombuffer(b"".join(seen), dtype=np.uint8)).reshape(-1, 32)
         cache = list(self.attrs.get("seen") or [])
         old = [self.attrs["state"], self.attrs["final"]]
         with self.switching(name, f"ledger/{segment}", f"seen/{segment}"):
