@@ -178,7 +178,8 @@ def test_tar_shards_local_and_in_s3_with_a_broken_member(s3, tmp_path, extractor
 def test_a_list_file_of_urls(s3, bucket_images, tmp_path, extractor):
     listing = tmp_path / "train.txt"
     listing.write_text("".join(f"s3://images/train/a/{p.name}\n" for p in bucket_images[:5]))
-    summary = fit_summary([listing], tmp_path / "m.zarr", extractor, batch_size=5, loader_workers=0)
+    # one loader worker process (forked): it reads the objects with its own s3fs instance
+    summary = fit_summary([listing], tmp_path / "m.zarr", extractor, batch_size=5, loader_workers=1)
     assert summary.added == 5
 
 
