@@ -132,13 +132,12 @@ def expand(src, image_suffixes, list_suffixes) -> list:
         found = fs.find(path, detail=True, withdirs=False)
     except Exception as err:
         raise _fail(url, err) from None
-    protocol = url.split("://", 1)[0]
     if not found:
         raise PadimError(f"input not found: {url} (no such bucket, prefix or object)")
     out = []
     for key in sorted(found):
         info = found[key]
-        full = key if "://" in key else f"{protocol}://{key.lstrip('/') if protocol != 'memory' else key}"
+        full = key if "://" in key else fs.unstrip_protocol(key)
         ext = PurePosixPath(key).suffix.lower()
         if ext in image_suffixes:
             out.append(Remote.of(full, info.get("size"), _tag(info)))
