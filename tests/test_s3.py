@@ -318,3 +318,18 @@ def test_the_readme_bucket_example_runs_against_the_test_server(s3, bucket_image
     assert out["n_images"] == 10 and out["finalized"]
     assert json.loads(run_cli(*score[1:]).stdout)["scored"] == 6
     assert len(s3.cat_file("my-bucket/scores/scores.csv").decode().splitlines()) == 7
+
+
+def test_images_at_any_fsspec_protocol(tmp_path, extractor):
+    import fsspec
+
+    paths = write_images(tmp_path / "imgs", 4, seed=8)
+    mem = fsspec.filesystem("memory")
+    for p in paths:
+        mem.pipe_file(f"/mem-images/train/{p.name}", p.read_bytes())
+    summary = fit_summary(["memory://mem-images/train/"], tmp_path / "m.zarr", extractor, batch_size=2,
+                          loader_workers=0)
+    assert summary.added == 4
+    n, mean, cov = stats(tmp_path / "m.zarr")
+    ref_mean, ref_cov = exact_stats(extractor, paths, 2)
+    assert rel(mean, ref_mean) < 1e-5 and rel(cov, ref_cov) < 1e-4
