@@ -427,13 +427,15 @@ def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], 
                         target = store.begin_state()[0]
                     store.write_block(target, start, acc)
             summary.added += len(kept)
-            if single and (pending or seen and acc.n or store.attrs["state"] is None and acc.n):
+            if single and (pending or store.attrs["state"] is None and acc.n):
                 store.checkpoint(acc, pending, seen)
                 summary.checkpoints += 1
             elif not single and kept:
                 digests = np.frombuffer(b"".join(kept.values()), dtype=np.uint8).reshape(-1, 16)
                 store.commit_state(target, n0 + len(kept), digests, seen)
                 summary.checkpoints += 1
+            elif seen and store.attrs["state"] is not None:  # held images read again: only their identities
+                store.add_identities(seen)
 
 
 def check_finite_features(patches: torch.Tensor, paths: Sequence[Path]) -> None:

@@ -141,6 +141,10 @@ def test_local_files_are_recognised_by_path_size_and_mtime(tmp_path, extractor, 
     os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: read again, same content
     again = fit_summary([tmp_path / "imgs"], model, extractor, batch_size=3, loader_workers=0)
     assert (again.added, again.already_seen, opened) == (0, 6, [paths[2].name])
+    st = ModelStore.open(model)
+    assert st.attrs["seq"] == 1 and len(st.identity_records()) == 7  # its new identity, without a new state
+    again = fit_summary([tmp_path / "imgs"], model, extractor, batch_size=3, loader_workers=0)
+    assert (again.added, again.already_seen, opened) == (0, 6, [paths[2].name])  # recognised now
 
 
 def test_tar_shards_local_and_in_s3_with_a_broken_member(s3, tmp_path, extractor):

@@ -448,6 +448,20 @@ class ModelStore:
         pause_point("checkpoint-switched")
         self._remove(old)
 
+    def add_identities(self, seen: Iterable[bytes]) -> None:
+        """Extend the cache of identities (32-byte records: identity, digest) without a new
+        state: a fit that read images the model held but folded nothing in writes only these."""
+        records = np.frombuffer(b"".join(seen), dtype=np.uint8).reshape(-1, 32)
+        if not len(records):
+            return
+        cache = list(self.attrs.get("seen") or [])
+        name = f"{self.attrs['seq']:06d}-{len(cache)}"
+        with self.switching(f"seen/{name}"):
+            self._new_array(f"seen/{name}", records, records.shape, "uint8", 1 << 20)
+            self._sync(f"seen/{name}")
+            self._write_attrs(seen=[*cache, name])
+        self._sync_root()
+
     def begin_final(self, eps: float) -> tuple[str, zarr.Array, zarr.Array]:
         """Create the (empty) arrays of a finalized model; returns (name, mean32, precision).
 
