@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from . import sources as _sources
 from .errors import PadimError
 
 IMAGE_SUFFIXES = frozenset(
@@ -45,7 +46,9 @@ def list_images(sources: Iterable[str | os.PathLike]) -> ImageList:
     relative paths are taken relative to the list's folder, not the working
     directory; each is taken as an image file, so a listed folder or missing
     file is skipped later with a warning), any other file is taken as one
-    image. Order: a folder's images sorted by path, a list's in its order,
+    image. URLs (``s3://bucket/prefix/``, any fsspec protocol) and ``.tar``
+    shards are listed by :mod:`padim_ooc.sources` (a list may name them too).
+    Order: a folder's images sorted by path, a list's in its order,
     sources in the order given; a path given twice is kept once (where it
     first appears). The result (an :class:`ImageList`) is returned as is if
     passed again.
@@ -60,6 +63,13 @@ def list_images(sources: Iterable[str | os.PathLike]) -> ImageList:
     out = ImageList()
     seen: set[Path] = set()
     for src in sources:
+        if _sources.claims(src):  # URLs (s3://bucket/prefix/, ...) and .tar shards: padim_ooc.sources
+            found = _sources.expand(src, IMAGE_SUFFIXES, LIST_SUFFIXES)
+            for p in found:
+                if p not in seen:
+                    seen.add(p)
+                    out.append(p)
+            continue
         path = Path(os.fsdecode(src))
         if not path.exists() and not path.is_symlink():
             raise PadimError(f"input not found: {path}")
@@ -86,8 +96,16 @@ def list_images(sources: Iterable[str | os.PathLike]) -> ImageList:
 
 def _read_list(path: Path) -> list[Path]:
     lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-    paths = [Path(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
-    paths = [p if p.is_absolute() else path.parent / p for p in paths]
+    paths = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if _sources.is_url(line) or line.lower().endswith(_sources.TAR_SUFFIX):  # URLs, tar shards
+            paths.extend(_sources.list_line(line if _sources.is_url(line) else os.fspath(path.parent / line)))
+            continue
+        p = Path(line)
+        paths.append(p if p.is_absolute() else path.parent / p)
     if not paths:
         raise PadimError(f"the list {path} names no images")
     return paths
@@ -179,6 +197,9 @@ def _pixels(err: Exception) -> str:
 
 def read_bytes(path: Path) -> tuple[bytes | None, str | None]:
     """The bytes of a file, or (None, reason) if it cannot be read."""
+    if _sources.is_url(path):  # a URL or a tar member (padim_ooc.sources)
+        return _sources.read_bytes(path)
+    path = Path(path)
     try:
         return path.read_bytes(), None
     except IsADirectoryError:
@@ -233,8 +254,17 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        return self._item(i, *read_bytes(self.paths[i]))
+
+    def __getitems__(self, indices: list[int]):
+        """A batch of items (the DataLoader asks for whole batches): URLs and tar members
+        read together (:func:`padim_ooc.sources.read_many`, concurrently), files one by one."""
+        remote = [i for i in indices if _sources.is_url(self.paths[i])]
+        read = dict(zip(remote, _sources.read_many([self.paths[i] for i in remote]))) if remote else {}
+        return [self._item(i, *(read[i] if i in read else read_bytes(self.paths[i]))) for i in indices]
+
+    def _item(self, i: int, data: bytes | None, reason: str | None):
         path = self.paths[i]
-        data, reason = read_bytes(path)
         if reason:
             return i, None, None, reason
         key = digest(data)

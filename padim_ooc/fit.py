@@ -181,13 +181,15 @@ def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, opti
         store = target.store
         if options.max_memory:  # fails early if the budget cannot hold one batch
             memory_plan(target.config, options.batch_size, options.max_memory)
+        paths, identities, cached = recognised(paths, store)  # unchanged images held: not read again
         with options.cluster.open(store.path) as client:
             if client is None:
-                summary = fit_here(target, paths, options)
+                summary = fit_here(target, paths, options, identities)
             else:
                 from .parallel.fit_shards import fit_sharded
 
                 summary = fit_sharded(target, paths, client, options)
+            summary.already_seen += cached
             if store.n_images == 0:
                 raise PadimError("no image could be read: the model has no statistics")
             summary.model = os.fspath(model)
@@ -217,9 +219,35 @@ def finish(store: ModelStore, options: FitOptions, client=None) -> bool:
     return bool(store.attrs["finalized"])
 
 
-def fit_here(target: FitTarget, paths: list[Path], options: FitOptions) -> FitSummary:
+def recognised(paths: Sequence, store: ModelStore) -> tuple[list, list[bytes | None], int]:
+    """Leave out the images the model holds that are recognised without reading them.
+
+    An image whose cheap identity (:func:`padim_ooc.sources.identity`: path, size,
+    mtime and inode of a file; URL, size and ETag of an object) is in the store's
+    cache of identities, with a content digest that the ledger holds, is unchanged
+    since it was folded in. Returns (the other paths, their identities taken now,
+    before they are read (None where there is none), how many were left out).
+    """
+    from .sources import identity
+
+    ids = [identity(p) for p in paths]
+    table, digests = store.identities()
+    if not len(table):
+        return list(paths), ids, 0
+    known = store.ledger()
+    have = [k for k, i in enumerate(ids) if i is not None]
+    query = np.frombuffer(b"".join(ids[k] for k in have), np.uint8).reshape(-1, 16).view("V16").ravel()
+    at = np.minimum(np.searchsorted(table, query), len(table) - 1)
+    hit = table[at] == query
+    drop = {k for k, a, h in zip(have, at, hit) if h and bytes(digests[a]) in known}
+    rest = [k for k in range(len(paths)) if k not in drop]
+    return [paths[k] for k in rest], [ids[k] for k in rest], len(drop)
+
+
+def fit_here(target: FitTarget, paths: list[Path], options: FitOptions,
+             identities: Sequence[bytes | None] | None = None) -> FitSummary:
     """The fold of a one-process fit: the memory plan for this process, said once, then
-    :func:`fold_images` over every image."""
+    :func:`fold_images` over every image (``identities``: see :func:`fold_images`)."""
     extractor = target.get_extractor()
     budget = options.max_memory or default_budget(extractor.device)
     plan = memory_plan(target.config, options.batch_size, budget)
@@ -227,7 +255,7 @@ def fit_here(target: FitTarget, paths: list[Path], options: FitOptions) -> FitSu
     if options.progress:
         print(plan.describe(), file=sys.stderr, flush=True)
     summary = FitSummary(model=target.path)
-    fold_images(target.store, extractor, paths, options, plan, summary)
+    fold_images(target.store, extractor, paths, options, plan, summary, identities=identities)
     return summary
 
 
@@ -349,7 +377,7 @@ class RunLedger:
 
 def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], options: FitOptions,
                 plan: MemoryPlan, summary: FitSummary, *, known: set[bytes] | None = None,
-                claimed: frozenset = frozenset()) -> None:
+                claimed: frozenset = frozenset(), identities: Sequence[bytes | None] | None = None) -> None:
     """Fold the images of ``paths`` that the statistics do not hold into ``store``, checkpointing.
 
     One pass over the images per position block of ``plan``. With one block the
@@ -361,6 +389,9 @@ def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], 
     next state; the switch to that state (with the segment's ledger) is the
     checkpoint. Counts go to ``summary``; ``known`` and ``claimed`` as in
     :class:`RunLedger` (default: the store's own ledger is what is known).
+    ``identities`` (one per path, or None): the images' cheap identities, taken
+    before they were read; each image read whole goes into the store's cache of
+    identities with its digest in the next checkpoint (:func:`recognised`).
     Raises nothing for a run where no image could be read (the caller decides).
     """
     batch, device = options.batch_size, extractor.device
@@ -380,6 +411,7 @@ def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], 
             dataset = ImageFiles(part, extractor.preprocess, skip=ledger.skip)
             kept: dict[int, bytes] = {}  # index into paths -> digest, decided in the first pass
             pending: list[bytes] = []  # one block: digests folded in since the last checkpoint
+            seen: list[bytes] = []  # (identity, digest) records since the last checkpoint
             n0, target = store.n_images, None
             for b, (start, stop) in enumerate(ranges):
                 if b and not kept:
@@ -395,6 +427,9 @@ def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], 
                         new: dict[int, bytes] = {}
                         rows = ledger.first_pass(paths, indices, digests, ok, errors, new)
                         kept.update(new)
+                        if identities is not None:
+                            seen.extend(identities[i] + key for i, key, err in zip(indices, digests, errors)
+                                        if err is None and key is not None and identities[i] is not None)
                     else:
                         rows = ledger.later_pass(paths, indices, digests, ok, kept)
                     if rows:
@@ -412,9 +447,9 @@ def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], 
                     if single and due(len(pending)):
                         folder.flush()
                         with due.timing():
-                            store.checkpoint(acc, pending)
+                            store.checkpoint(acc, pending, seen)
                         summary.checkpoints += 1
-                        pending = []
+                        pending, seen = [], []
                     advance(len(indices))
                 folder.flush()
                 if not single and kept:
@@ -423,12 +458,14 @@ def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], 
                     store.write_block(target, start, acc)
             summary.added += len(kept)
             if single and (pending or store.attrs["state"] is None and acc.n):
-                store.checkpoint(acc, pending)
+                store.checkpoint(acc, pending, seen)
                 summary.checkpoints += 1
             elif not single and kept:
                 digests = np.frombuffer(b"".join(kept.values()), dtype=np.uint8).reshape(-1, 16)
-                store.commit_state(target, n0 + len(kept), digests)
+                store.commit_state(target, n0 + len(kept), digests, seen)
                 summary.checkpoints += 1
+            elif seen and store.attrs["state"] is not None:  # held images read again: only their identities
+                store.add_identities(seen)
 
 
 def check_finite_features(patches: torch.Tensor, paths: Sequence[Path]) -> None:

@@ -193,7 +193,9 @@ def merge_stores(parts: Sequence[str | os.PathLike], model: str | os.PathLike | 
         if any(c != total for c in counts):  # pragma: no cover - defensive
             raise PadimError("internal error: the merged chunks disagree on the image count")
         new = [d for s, d in zip(stores, digests) if s is not out]
-        out.commit_state(name, total, np.concatenate(new) if new else np.zeros((0, 16), np.uint8))
+        seen = [s.identity_records() for s in inputs]  # the parts' caches of identities come along
+        out.commit_state(name, total, np.concatenate(new) if new else np.zeros((0, 16), np.uint8),
+                         np.concatenate(seen) if seen else np.zeros((0, 32), np.uint8))
         return {"model": model, "parts": len(paths), "added": sum(s.n_images for s in inputs),
                 "n_images": out.n_images}
     except BaseException:

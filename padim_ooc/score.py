@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data import ImageFiles, display_path, loader, read_image
+from .sources import as_item
 from .errors import PadimError
 from .extractor import Extractor
 from .memory import tune_allocator
@@ -211,7 +212,7 @@ class Model:
             chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
         else:
             pre = self.extractor.preprocess
-            items = [im if isinstance(im, Image.Image) else _open_image(Path(im)) for im in images]
+            items = [im if isinstance(im, Image.Image) else _open_image(as_item(im)) for im in images]
             chunks = [torch.stack([pre(im) for im in items[i:i + batch_size]])
                       for i in range(0, len(items), batch_size)]
         scores, maps = [], []

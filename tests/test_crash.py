@@ -54,8 +54,9 @@ N_IMAGES = 200
 EVERY = 10  # checkpoint interval (images): 20 checkpoints in a whole run
 FIT_ARGS = ["--weights", "none", "--resize", "32", "--crop", "32", "--batch-size", "5",
             "--checkpoint-every", str(EVERY), "--loader-workers", "0", "-q"]
-# chunk writes per checkpoint: mean, m2 (one chunk each at this size) and the ledger segment
-CHUNKS_PER_CHECKPOINT = 3
+# chunk writes per checkpoint: mean, m2 (one chunk each at this size), the ledger segment and
+# the identities segment (seen/)
+CHUNKS_PER_CHECKPOINT = 4
 SIGNALS = {"": signal.SIGKILL, "sigterm@": signal.SIGTERM, "ctrl-c@": signal.SIGINT}
 
 
@@ -283,7 +284,7 @@ def crash_and_resume(tmp_path, crash_images, reference, moments, seed):
         assert np.array_equal(pa_prec[...], pb_prec[...]) and np.array_equal(pa_mean[...], pb_mean[...])
         # nothing left behind: one state, one final, the ledger, the attributes
         left = sorted(os.listdir(model))
-        assert len(left) == 4 and "ledger" in left and "zarr.json" in left, left
+        assert len(left) == 5 and {"ledger", "seen", "zarr.json"} <= set(left), left  # seen: identities
     except AssertionError as err:  # the trail makes a failure reproducible: seed, draws, where each kill landed
         raise AssertionError(f"{err}\nkill trail (seed {seed}, timeline {timeline}): {trail}") from None
     return trail
@@ -293,13 +294,13 @@ def test_killed_fit_resumes_to_the_uninterrupted_statistics(tmp_path, crash_imag
     """SIGKILL at 3 random moments, during a checkpoint write (written, not switched), between two
     chunk writes; SIGTERM after a switch; Ctrl-C between chunk writes; resumed after each."""
     t0 = time.monotonic()
-    moments = ["random", "checkpoint-written:2", "chunk:4", "random", "sigterm@checkpoint-switched:1",
+    moments = ["random", "checkpoint-written:2", "chunk:5", "random", "sigterm@checkpoint-switched:1",
                "ctrl-c@chunk:2", "random"]
     trail = crash_and_resume(tmp_path, crash_images, reference, moments, seed=5)
     assert [s["moment"] for s in trail] == moments
     assert sum(s["moment"] == "random" and s["rc"] == -signal.SIGKILL for s in trail) == 3
     gained = {s["moment"]: s["after"] - s["before"] for s in trail if s["moment"] != "random"}
-    assert gained == {"checkpoint-written:2": 10, "chunk:4": 10, "sigterm@checkpoint-switched:1": 10,
+    assert gained == {"checkpoint-written:2": 10, "chunk:5": 10, "sigterm@checkpoint-switched:1": 10,
                       "ctrl-c@chunk:2": 0}, trail
     print(f"\ncrash test: {len(trail)} kill points, {time.monotonic() - t0:.1f} s "
           f"(reference timeline {reference[1]}): {trail}")

@@ -337,9 +337,17 @@ def test_racing_writers_on_a_stale_lock_hold_it_one_at_a_time(tmp_path):
     assert not (store / lock.LOCK_NAME).exists()
 
 
-def test_url_stores_are_not_locked_and_a_file_is_no_store(tmp_path):
-    assert lock.acquire("memory://somewhere") is False
+def test_url_stores_are_locked_by_a_lock_object_and_a_file_is_no_store(tmp_path, monkeypatch):
+    import fsspec
+
+    assert lock.acquire("memory://somewhere") is True and lock.held("memory://somewhere")
+    assert fsspec.filesystem("memory").exists("/somewhere/" + lock.LOCK_NAME)
     lock.release("memory://somewhere")
+    assert not fsspec.filesystem("memory").exists("/somewhere/" + lock.LOCK_NAME)
+    with pytest.raises(po.PadimError, match="has no conditional create that padim_ooc trusts"):
+        lock.acquire("http://127.0.0.1:9/x.zarr")  # no conditional create padim_ooc knows to be atomic
+    monkeypatch.setenv("PADIM_OOC_URL_LOCK", "off")  # the user's explicit choice: unlocked
+    assert lock.acquire("memory://elsewhere") is False
     (tmp_path / "f.zarr").write_text("x")
     with pytest.raises(po.PadimError, match="is a file, not a model store folder"):
         lock.acquire(tmp_path / "f.zarr")

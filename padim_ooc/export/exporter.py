@@ -12,9 +12,7 @@ store chunk by chunk (the exporter never holds them whole).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
-import json
 import os
 import shutil
 from datetime import datetime, timezone

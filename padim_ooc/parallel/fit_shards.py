@@ -26,6 +26,7 @@ from typing import Sequence
 
 from ..config import ModelConfig
 from ..errors import PadimError
+from ..sources import as_item, identity
 from ..extractor import Extractor
 from ..fit import FitSummary, FitTarget, fold_images, memory_plan, shard_options
 from ..memory import default_budget
@@ -195,9 +196,10 @@ def fit_shard(paths: Sequence[str], part: str, config: ModelConfig, *, model: st
             remove_tree(part)
         store = ModelStore.open(part, writable=True) if store_exists(part) else ModelStore.create(part, config)
         summary = FitSummary(model=part)
-        try:
-            fold_images(store, extractor, [Path(p) for p in paths], options, plan, summary, known=known,
-                        claimed=claimed)
+        items = [as_item(p) for p in paths]
+        try:  # identities taken before the images are read; the merge brings them into the model
+            fold_images(store, extractor, items, options, plan, summary, known=known, claimed=claimed,
+                        identities=[identity(p) for p in items])
         finally:
             store.close()
         summary.n_images = store.n_images

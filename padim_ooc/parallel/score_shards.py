@@ -18,12 +18,12 @@ import json
 import os
 import threading
 import uuid
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..options import Cluster, ScoreOptions
+from ..sources import as_item
 from ..score import Model, score_images
 from ..store import ModelStore, shared_path
 from .tasks import results, shard_ranges, user_errors_as_values, worker_count
@@ -96,7 +96,7 @@ def score_part_of(model: str, paths: Sequence[str], first: int, options: ScoreOp
         if options.wants_maps:  # float32 for masks and overlays: decided on the maps the scores come from
             out_maps.append(batch_maps.astype(np.float32 if options.masks or options.overlays else np.float16))
 
-    bad = score_images(m, [Path(p) for p in paths], options, on_batch)
+    bad = score_images(m, [as_item(p) for p in paths], options, on_batch)
     crop = m.attrs["crop"]
     return (first + np.asarray(idx, dtype=np.int64),
             np.concatenate(scores) if scores else np.zeros(0, np.float32),

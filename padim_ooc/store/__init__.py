@@ -4,7 +4,8 @@
   statistics, ledger, finalizations) with its crash-safe checkpoint switch.
 - :mod:`.chunks`: chunk-level reads and writes, and the checks that a chunk read is real
   (a missing chunk is damage, never zeros).
-- :mod:`.lock`: one writer at a time (a lock file in the store folder).
+- :mod:`.lock`: one writer at a time (a lock file in the store folder; at a URL, a lock object
+  written with a conditional put: :mod:`.url_lock`).
 - :mod:`.paths`: paths as other processes see them (absolute; ``memory://`` refused for workers).
 """
 from .chunks import ATTR_KEY, COMPLETE_KEY, PAUSE_ENV, pause_point, read_array, write_array

@@ -30,10 +30,9 @@ namespace were recorded are checked by host, pid and start time as before.
 Within one process the lock is re-entrant (counted): ``fit`` holds it and
 opens the store for writing, which holds it again.
 
-Stores at fsspec URLs (``s3://``, ``gs://``, ...) are not locked: object
-stores have no atomic exclusive create that every backend honours. Run one
-writer at a time on a URL store; the atomic attribute switch still keeps each
-checkpoint whole.
+Stores at fsspec URLs are locked by a lock object written with a conditional
+put (S3's ``If-None-Match: *``): :mod:`padim_ooc.store.url_lock`; a protocol
+without one is refused unless ``PADIM_OOC_URL_LOCK=off``.
 """
 from __future__ import annotations
 
@@ -54,7 +53,7 @@ from typing import Iterator
 import psutil
 
 from ..errors import PadimError
-from .paths import is_url
+from . import url_lock
 
 LOCK_NAME = ".padim_ooc.lock"
 # an empty or unreadable lock file younger than this may be one being written right now
@@ -64,6 +63,16 @@ log = logging.getLogger("padim_ooc")
 
 _guard = threading.RLock()
 _held: dict[str, list] = {}  # lock path -> [count, created_folder]
+
+
+def _is_url(path: str) -> bool:
+    """A store at a URL other than ``file://`` (those are locked by a lock object, :mod:`.url_lock`)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def _local(path: str) -> str:
+    """A ``file://`` URL as its local path (locked like any local store)."""
+    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def lock_path(store: str | os.PathLike) -> str:
@@ -252,7 +261,8 @@ def _break_stale(folder: str, path: str, seen: dict | None) -> bool:
 
 
 def acquire(store: str | os.PathLike, command: str = "write", *, wait: float = 1.0) -> bool:
-    """Take the writer's lock of the store at ``store``; returns False for URL stores (not locked).
+    """Take the writer's lock of the store at ``store``; returns False for a URL store written
+    without a lock (``PADIM_OOC_URL_LOCK=off``, see :mod:`padim_ooc.store.url_lock`).
 
     Creates the store folder if needed. Re-entrant within a process.
 
@@ -262,10 +272,9 @@ def acquire(store: str | os.PathLike, command: str = "write", *, wait: float = 1
         If another live process holds the lock (naming it), or the folder
         cannot hold a lock file.
     """
-    store = os.fspath(store)
-    if is_url(store):
-        log.debug("%s is a URL: not locked (run one writer at a time)", store)
-        return False
+    store = _local(os.fspath(store))
+    if _is_url(store):
+        return url_lock.acquire(store, command, wait=wait)
     folder = os.path.abspath(store)
     path = os.path.join(folder, LOCK_NAME)
     with _guard:
@@ -308,8 +317,9 @@ def acquire(store: str | os.PathLike, command: str = "write", *, wait: float = 1
 
 def release(store: str | os.PathLike) -> None:
     """Give back one hold of the lock; the last one removes the lock file."""
-    store = os.fspath(store)
-    if is_url(store):
+    store = _local(os.fspath(store))
+    if _is_url(store):
+        url_lock.release(store)
         return
     folder = os.path.abspath(store)
     path = os.path.join(folder, LOCK_NAME)
@@ -337,6 +347,9 @@ def release(store: str | os.PathLike) -> None:
 
 def held(store: str | os.PathLike) -> bool:
     """Whether this process holds the lock of ``store``."""
+    store = _local(os.fspath(store))
+    if _is_url(store):
+        return url_lock.held(store)
     return lock_path(store) in _held
 
 
@@ -352,6 +365,7 @@ def store_lock(store: str | os.PathLike, command: str = "write") -> Iterator[Non
 
 @atexit.register
 def _release_all() -> None:  # a normal exit never leaves a lock behind
+    url_lock.release_all()
     with _guard:
         paths = list(_held)
     for path in paths:

@@ -73,6 +73,20 @@ def store_exists(path: str | os.PathLike) -> bool:
     return ATTR_KEY in group.attrs
 
 
+def _clear_url(path: str) -> None:
+    """Remove what a failed creation left at the URL ``path``, but the writer's lock object."""
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    try:
+        fs.invalidate_cache()
+        keys = [k for k in fs.find(inner) if not k.endswith("/" + lock.LOCK_NAME)]
+    except FileNotFoundError:
+        return
+    if keys:
+        fs.rm(keys)
+
+
 class ModelStore:
     """A padim_ooc model store on disk (or at any fsspec URL zarr accepts)."""
 
@@ -86,8 +100,8 @@ class ModelStore:
 
     def _hold_lock(self) -> "ModelStore":
         # the writer's lock (taken before opening) is given back by close() or when this object goes
-        if lock.held(self.path) and not _is_url(self.path):
-            self._unlock = weakref.finalize(self, lock.release, os.path.abspath(self.path))
+        if lock.held(self.path):
+            self._unlock = weakref.finalize(self, lock.release, self.path)
         return self
 
     def close(self) -> None:
@@ -142,8 +156,10 @@ class ModelStore:
             "eps": None,
             "chunk_positions": positions_per_chunk(config.dims),
         }
+        if _is_url(path):
+            _clear_url(path)
         try:  # group and attributes in one write: a store is never seen without its attributes
-            group = zarr.create_group(path, overwrite=_is_url(path), attributes={ATTR_KEY: attrs},
+            group = zarr.create_group(path, overwrite=False, attributes={ATTR_KEY: attrs},
                                       **zarr_options(path))
         except OSError as err:
             raise PadimError(f"cannot create the model store {path}: {err.strerror or err}") from None
@@ -265,6 +281,22 @@ class ModelStore:
         """Digests of every image accumulated so far."""
         return {bytes(r) for rows in self._ledger_parts() for r in rows}
 
+    def identities(self) -> tuple[np.ndarray, np.ndarray]:
+        """The cache of cheap identities (:func:`padim_ooc.sources.identity`) of images read
+        before: (identities sorted, as an ndarray of shape (k,) of 16-byte void, and their
+        content digests, ndarray of shape (k, 16) uint8). Empty for a store written before
+        the cache existed (root attribute ``seen`` absent)."""
+        rows = self.identity_records()
+        ids = np.ascontiguousarray(rows[:, :16]).view("V16").ravel()
+        order = np.argsort(ids, kind="stable")
+        return ids[order], rows[order, 16:]
+
+    def identity_records(self) -> np.ndarray:
+        """ndarray of shape (k, 32), uint8: the cache of identities as stored (identity, digest)."""
+        names = self.attrs.get("seen") or []
+        parts = [read_array(self._array("seen", name), check_live=False) for name in names]
+        return np.concatenate(parts) if parts else np.zeros((0, 32), np.uint8)
+
     def ledger_digests(self) -> np.ndarray:
         """ndarray of shape (n_digests, 16), uint8: every ledger digest, segment after segment."""
         parts = self._ledger_parts()
@@ -361,13 +393,14 @@ class ModelStore:
             raise PadimError(f"the model store {self.path} was written but flushing it to the disk "
                              f"failed: {err.strerror or err}") from None
 
-    def checkpoint(self, moments: Moments, new_digests: Iterable[bytes]) -> None:
+    def checkpoint(self, moments: Moments, new_digests: Iterable[bytes], seen: Iterable[bytes] = ()) -> None:
         """Write ``moments`` and the new digests as the new state, then switch to it.
 
         Crash-safe: the state and ledger segment are written under new names and
         flushed to the disk, then one atomic write of the root attributes
         switches to them. Killed at any moment, the store holds either the
-        previous checkpoint or this one.
+        previous checkpoint or this one. ``seen``: 32-byte records (identity,
+        content digest) for the cache of identities (see :meth:`identities`).
 
         Raises
         ------
@@ -383,7 +416,7 @@ class ModelStore:
         with self.switching(state):
             self._new_array(f"{state}/mean", mean, mean.shape, "float64", cp)
             self._new_array(f"{state}/m2", m2, m2.shape, "float64", cp)
-        self.commit_state(state, int(moments.n), digests)
+        self.commit_state(state, int(moments.n), digests, seen)
 
     def begin_state(self) -> tuple[str, zarr.Array, zarr.Array]:
         """Create the empty arrays of the next state, to be filled chunk by chunk.
@@ -407,28 +440,51 @@ class ModelStore:
             self.group[f"{name}/mean"][start:stop] = moments.mean.detach().to("cpu", torch.float64).numpy()
             self.group[f"{name}/m2"][start:stop] = moments.m2.detach().to("cpu", torch.float64).numpy()
 
-    def commit_state(self, name: str, n_images: int, new_digests: np.ndarray) -> None:
+    def commit_state(self, name: str, n_images: int, new_digests: np.ndarray, seen: Iterable[bytes] = ()) -> None:
         """Switch to the state written under ``name`` (from :meth:`begin_state`).
 
         ``new_digests`` (k, 16) uint8 are the images it holds beyond the
         current state; they become a new ledger segment in the same switch.
+        ``seen`` (32-byte records: identity, digest) extend the cache of
+        identities (``seen/<segment>``, root attribute ``seen``) in the same switch.
         """
         seq = int(name.split("-")[1])
         ledger = list(self.attrs["ledger"])
         digests = np.ascontiguousarray(new_digests, dtype=np.uint8).reshape(-1, 16)
         segment = f"{seq:06d}"
+        records = (np.ascontiguousarray(seen, dtype=np.uint8) if isinstance(seen, np.ndarray)
+                   else np.frombuffer(b"".join(seen), dtype=np.uint8)).reshape(-1, 32)
+        cache = list(self.attrs.get("seen") or [])
         old = [self.attrs["state"], self.attrs["final"]]
-        with self.switching(name, f"ledger/{segment}"):
+        with self.switching(name, f"ledger/{segment}", f"seen/{segment}"):
             if len(digests):
                 self._new_array(f"ledger/{segment}", digests, digests.shape, "uint8", 1 << 20)
                 ledger.append(segment)
-            self._sync(name, f"ledger/{segment}")
+            if len(records):
+                self._new_array(f"seen/{segment}", records, records.shape, "uint8", 1 << 20)
+                cache.append(segment)
+            self._sync(name, f"ledger/{segment}", *([f"seen/{segment}"] if len(records) else []))
             pause_point("checkpoint-written")
             self._write_attrs(seq=seq, state=name, ledger=ledger, n_images=int(n_images),
-                              finalized=False, final=None, **self._stale_calibration())
+                              finalized=False, final=None, **({"seen": cache} if cache else {}),
+                              **self._stale_calibration())
         self._sync_root()
         pause_point("checkpoint-switched")
         self._remove(old)
+
+    def add_identities(self, seen: Iterable[bytes]) -> None:
+        """Extend the cache of identities (32-byte records: identity, digest) without a new
+        state: a fit that read images the model held but folded nothing in writes only these."""
+        records = np.frombuffer(b"".join(seen), dtype=np.uint8).reshape(-1, 32)
+        if not len(records):
+            return
+        cache = list(self.attrs.get("seen") or [])
+        name = f"{self.attrs['seq']:06d}-{len(cache)}"
+        with self.switching(f"seen/{name}"):
+            self._new_array(f"seen/{name}", records, records.shape, "uint8", 1 << 20)
+            self._sync(f"seen/{name}")
+            self._write_attrs(seen=[*cache, name])
+        self._sync_root()
 
     def begin_final(self, eps: float) -> tuple[str, zarr.Array, zarr.Array]:
         """Create the (empty) arrays of a finalized model; returns (name, mean32, precision).
@@ -486,19 +542,25 @@ class ModelStore:
         attributes do not point at, half-deleted folders, temporary files."""
         live = {self.attrs["state"], self.attrs["final"]}
         keep = set(self.attrs["ledger"])
+        cache = set(self.attrs.get("seen") or [])
         if not _is_url(self.path):  # by listing the folders: also catches half-deleted groups
             remove_leftovers(self.path, live, keep)
+            seen_dir = os.path.join(self.path, "seen")
+            for key in os.listdir(seen_dir) if os.path.isdir(seen_dir) else []:
+                if key not in cache and key != "zarr.json":
+                    shutil.rmtree(os.path.join(seen_dir, key), ignore_errors=True)
             return
         with warnings.catch_warnings():  # zarr warns about files that are no Zarr node
             warnings.filterwarnings("ignore", message="Object at .* is not recognized")
             for key in list(self.group.group_keys()):
                 if key not in live and (key.startswith("state-") or key.startswith("final-")):
                     del self.group[key]
-            if "ledger" in self.group:
-                ledger = self.group["ledger"]
-                for key in list(ledger.array_keys()):
-                    if key not in keep:
-                        del ledger[key]
+            for name, wanted in (("ledger", keep), ("seen", cache)):
+                if name in self.group:
+                    group = self.group[name]
+                    for key in list(group.array_keys()):
+                        if key not in wanted:
+                            del group[key]
 
 
 __all__ = ["ModelStore", "store_exists", "zarr_options", "positions_per_chunk", "SCHEMA_VERSION", "CHUNK_TARGET_BYTES"]
