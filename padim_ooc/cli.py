@@ -107,7 +107,7 @@ SchedulerOpt = typer.Option(None, "--scheduler", help="Run on an existing Dask c
                             "(its workers must reach the model and the images).")
 
 
-def _bytes(text: Optional[str]) -> Optional[int]:
+def _bytes(text: Optional[str], option: str = "--max-memory") -> Optional[int]:
     if text is None:
         return None
     from dask.utils import parse_bytes
@@ -115,10 +115,20 @@ def _bytes(text: Optional[str]) -> Optional[int]:
     try:
         value = parse_bytes(text)
     except (ValueError, TypeError):
-        raise PadimError(f"--max-memory expects a size like 4GB or 512MiB, got {text!r}") from None
+        raise PadimError(f"{option} expects a size like 4GB or 512MiB, got {text!r}") from None
     if value <= 0:
-        raise PadimError(f"--max-memory must be positive, got {text!r}")
+        raise PadimError(f"{option} must be positive, got {text!r}")
     return value
+
+
+MaxImageOpt = typer.Option(None, "--max-image-bytes", help="Largest image (or mask) file read, e.g. 1GB "
+                           "[256MiB]; a larger file is skipped with its reason (checked before it is read).")
+
+
+def _image_bytes(text: Optional[str]) -> dict:
+    """``max_image_bytes=...`` for a RunOptions record, or nothing (its default)."""
+    value = _bytes(text, "--max-image-bytes")
+    return {} if value is None else {"max_image_bytes": value}
 PresetOpt = typer.Option(None, "--preset", help="r18-rd100 (resnet18, 100 channels), wr50-rd550 "
                          "(wide_resnet50_2, 550) or lite0 (efficientnet_lite0, all 176); explicit options override it.")
 
@@ -150,6 +160,7 @@ def fit(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget of each fitting "
                                              "process, e.g. 6GB [available memory x 0.8]; when the statistics do "
                                              "not fit, positions are fitted in blocks, one pass over the images each."),
+    max_image_bytes: Optional[str] = MaxImageOpt,
 ):
     """Fit a model on normal images (or add unseen images to an existing one)."""
     from .config import ModelConfig
@@ -160,7 +171,7 @@ def fit(
     options = FitOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
                          on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
                          checkpoint_every=checkpoint_every, max_memory=_bytes(max_memory),
-                         finalize=not no_finalize, eps=eps)
+                         finalize=not no_finalize, eps=eps, **_image_bytes(max_image_bytes))
     asked = ModelConfig(backbone=backbone, layers=_layers(layers), dims=dims, seed=seed, weights=weights,
                         resize=resize, crop=crop)
     if preset is not None:  # the preset's fields, overridden by those given explicitly
@@ -220,6 +231,7 @@ def score(
     quiet: bool = QuietOpt,
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    max_image_bytes: Optional[str] = MaxImageOpt,
 ):
     """Score images: OUT/scores.csv with one row `path,score` per image, in input order."""
     from .api import run_score
@@ -230,7 +242,7 @@ def score(
 
     options = ScoreOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
                            on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
-                           sigma=sigma, maps=maps)
+                           sigma=sigma, maps=maps, **_image_bytes(max_image_bytes))
     data = _need_data(data, f"padim-ooc score {model} data/test --out out")
     store = ModelStore.open(model)
     store.final_arrays()  # a clear error before reading any image
@@ -254,7 +266,9 @@ def evaluate(
     device: str = DeviceOpt,
     weights: Optional[str] = ModelWeightsOpt,
     loader_workers: Optional[int] = LoaderOpt,
+    on_error: str = OnErrorOpt,
     quiet: bool = QuietOpt,
+    max_image_bytes: Optional[str] = MaxImageOpt,
 ):
     """Score a labelled test split: image AUROC, pixel AUROC, PRO, and an HTML report."""
     from .api import open_model
@@ -264,7 +278,7 @@ def evaluate(
     layout = find_layout(data)
     m = open_model(model, device=device, weights=_weights(weights))
     ev = run_evaluate(m, layout, batch_size=batch_size, sigma=sigma, loader_workers=loader_workers,
-                      examples=examples, progress=not quiet)
+                      examples=examples, progress=not quiet, on_error=on_error, **_image_bytes(max_image_bytes))
     report = ev.write(out)
     keys = ("image_auroc", "pixel_auroc", "pro", "n_images", "n_skipped", "counts")
     typer.echo(json.dumps({k: ev.metrics[k] for k in keys} | {"report": str(report)}))

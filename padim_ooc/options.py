@@ -15,6 +15,10 @@ from typing import Any
 from .errors import PadimError
 
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
+"""Largest image (or mask) file read, in bytes [256 MiB]: a file is checked against it before
+it is read, so a huge file or a device cannot exhaust the memory. Raise it with
+``--max-image-bytes`` (:attr:`RunOptions.max_image_bytes`)."""
 DEFAULT_EPS = 0.01
 DEFAULT_SIGMA = 4.0
 ON_ERROR = ("skip", "fail")
@@ -100,6 +104,10 @@ class RunOptions:
         Progress bars and plan lines on stderr.
     cluster : Cluster
         Where the parallel part runs.
+    max_image_bytes : int
+        Largest image file read, in bytes (checked before reading; default
+        :data:`padim_ooc.data.DEFAULT_MAX_IMAGE_BYTES`, 256 MiB); a larger one is a
+        counted skip with its reason (or the error with ``on_error='fail'``).
     """
 
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -108,6 +116,7 @@ class RunOptions:
     on_error: str = "skip"
     progress: bool = False
     cluster: Cluster = field(default_factory=Cluster)
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     def __post_init__(self):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -118,6 +127,9 @@ class RunOptions:
             raise PadimError(f"loader workers must be 0 or more, got {self.loader_workers}")
         if self.on_error not in ON_ERROR:
             raise PadimError(f"--on-error must be skip or fail, not {self.on_error!r}")
+        if isinstance(self.max_image_bytes, bool) or not isinstance(self.max_image_bytes, int) \
+                or self.max_image_bytes < 1:
+            raise PadimError(f"--max-image-bytes must be a positive number of bytes, got {self.max_image_bytes!r}")
 
 
 @dataclass(frozen=True)
@@ -175,5 +187,5 @@ class ScoreOptions(RunOptions):
             raise PadimError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
 
 
-__all__ = ["Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "eps_for", "DEFAULT_BATCH_SIZE",
+__all__ = ["DEFAULT_MAX_IMAGE_BYTES", "Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "eps_for", "DEFAULT_BATCH_SIZE",
            "DEFAULT_EPS", "DEFAULT_SIGMA"]

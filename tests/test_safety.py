@@ -111,3 +111,137 @@ def test_a_damaged_old_state_does_not_break_a_checkpoint(tmp_path):
         st.checkpoint(moments(8, seed=1), [bytes([100 + i]) * 16 for i in range(2)])
     st = ModelStore.open(path)
     assert st.attrs["state"] == "state-000002" and not (path / "state-000001").exists()
+
+
+# ---- non-finite statistics: found at finalize and at score time ----------------------
+def _poison(path, array, index=(0, 0)):
+    import zarr
+
+    arr = zarr.open_array(str(path / array), mode="r+")
+    arr[index] = np.nan
+
+
+def test_finalize_refuses_non_finite_statistics(tmp_path, capsys):
+    path = _store(tmp_path, finalize=False)
+    _poison(path, "state-000001/m2", (3, 1, 2))
+    cli_error(capsys, "finalize", path, text="non-finite values (NaN or inf) in m2")
+    _poison(path, "state-000001/m2", (3, 1, 2))
+    assert not ModelStore.open(path).attrs["finalized"]
+
+
+def test_finalize_refuses_a_non_finite_mean(tmp_path, capsys):
+    path = _store(tmp_path, finalize=False)
+    _poison(path, "state-000001/mean", (2, 0))
+    cli_error(capsys, "finalize", path, text="in the mean")
+
+
+@pytest.fixture()
+def poisoned(fitted, tmp_path):
+    import shutil
+
+    path = tmp_path / "p.zarr"
+    shutil.copytree(fitted, path)
+    final = ModelStore.open(path).attrs["final"]
+    _poison(path, f"{final}/precision", (5, 0, 0))
+    return path
+
+
+def test_score_refuses_non_finite_precision(poisoned, image_dir, tmp_path, capsys):
+    cli_error(capsys, "score", poisoned, image_dir / "b", "--out", tmp_path / "o", "-q",
+              text="precision holds 1 non-finite values")
+    assert not (tmp_path / "o" / "scores.csv").exists()
+
+
+def test_evaluate_does_not_drop_nan_scores(poisoned, tmp_path):
+    from conftest import make_mvtec_class
+    from padim_ooc.evaluation.evaluate import evaluate
+
+    data = make_mvtec_class(tmp_path / "cls", n_train=2, n_good=3, n_defect=2, masks=False)
+    with pytest.raises(po.PadimError, match="non-finite"):
+        evaluate(po.open_model(poisoned, device="cpu"), data, loader_workers=0)
+
+
+# ---- image inputs: regular files, bounded, decoded under the pixel limit -------------
+@pytest.fixture()
+def odd_folder(tmp_path):
+    from conftest import write_images
+
+    folder = tmp_path / "imgs"
+    write_images(folder, 3, seed=5)
+    os.mkfifo(folder / "x.png")  # a FIFO: reading it would wait for a writer for ever
+    os.symlink("/dev/zero", folder / "zero.png")  # a device: reading it would never end
+    os.symlink(folder / "img0000.png", folder / "link.png")  # a link to a regular file: fine
+    return folder
+
+
+def _alarm(seconds):
+    import signal
+
+    def fail(*_):
+        raise TimeoutError("hung on an image input")
+
+    signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+
+
+def test_fifos_and_devices_are_counted_skips_and_links_to_files_are_read(fitted, odd_folder, tmp_path, capsys,
+                                                                       caplog):
+    import signal
+
+    _alarm(60)
+    try:
+        code, out, err = main_exit(capsys, "score", fitted, odd_folder, "--out", tmp_path / "o", "-q",
+                                   "--loader-workers", "0")
+    finally:
+        signal.alarm(0)
+    assert code == 0, err
+    assert json.loads(out)["scored"] == 4 and json.loads(out)["skipped"] == 2
+    assert "x.png: a FIFO (named pipe), not an image file" in caplog.text
+    assert "zero.png: a character device, not an image file" in caplog.text
+
+
+def test_fifo_with_on_error_fail_is_one_line(fitted, odd_folder, tmp_path, capsys):
+    import signal
+
+    _alarm(60)
+    try:
+        cli_error(capsys, "score", fitted, odd_folder / "x.png", "--out", tmp_path / "o", "-q",
+                  "--on-error", "fail", "--loader-workers", "0", text="x.png: a FIFO")
+    finally:
+        signal.alarm(0)
+
+
+def test_a_file_over_the_size_limit_is_not_read(fitted, image_dir, tmp_path, capsys):
+    from padim_ooc.data import read_bytes
+
+    cli_error(capsys, "score", fitted, image_dir / "b", "--out", tmp_path / "o", "-q", "--max-image-bytes", "100",
+              "--loader-workers", "0", "--on-error", "fail", text="bytes, over the limit of 100; raise it with "
+              "--max-image-bytes")
+    assert read_bytes(Path("/dev/zero"), 10) == (None, "a character device, not an image file")
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:  # sparse: 1 TB that would take the memory if read
+        f.truncate(2**40)
+    assert "file too large (1099511627776 bytes" in read_bytes(big)[1]
+    result = cli_json(capsys, "score", fitted, image_dir / "b", "--out", tmp_path / "o2", "-q",
+                      "--max-image-bytes", "1MB", "--loader-workers", "0")
+    assert result["scored"] == 20
+    from padim_ooc.options import RunOptions
+
+    with pytest.raises(po.PadimError, match="--max-image-bytes must be a positive"):
+        RunOptions(max_image_bytes=0)
+
+
+def test_a_mask_over_the_pixel_limit_is_a_counted_skip(fitted, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from conftest import make_mvtec_class
+    from padim_ooc.evaluation.evaluate import evaluate
+
+    data = make_mvtec_class(tmp_path / "cls", n_train=2, n_good=3, n_defect=2)
+    bomb = sorted((data / "ground_truth" / "spot").iterdir())[0]
+    Image.fromarray(np.zeros((400, 400), np.uint8)).save(bomb)  # 160000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # bomb errors over 2x the limit
+    ev = evaluate(po.open_model(fitted, device="cpu"), data, loader_workers=0)
+    assert ev.metrics["n_skipped"] == 1 and ev.metrics["n_images"] == 6
+    with pytest.raises(po.PadimError, match=r"cannot read the mask .*: image too large"):
+        evaluate(po.open_model(fitted, device="cpu"), data, loader_workers=0, on_error="fail")
