@@ -125,6 +125,10 @@ MaxImageOpt = typer.Option(None, "--max-image-bytes", help="Largest image (or ma
                            "[256MiB]; a larger file is skipped with its reason (checked before it is read).")
 
 
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUT "
+                            "(refused without it); other files there are left alone.")
+
+
 def _image_bytes(text: Optional[str]) -> dict:
     """``max_image_bytes=...`` for a RunOptions record, or nothing (its default)."""
     value = _bytes(text, "--max-image-bytes")
@@ -232,6 +236,7 @@ def score(
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
     max_image_bytes: Optional[str] = MaxImageOpt,
+    overwrite: bool = OverwriteOpt,
 ):
     """Score images: OUT/scores.csv with one row `path,score` per image, in input order."""
     from .api import run_score
@@ -247,7 +252,7 @@ def score(
     store = ModelStore.open(model)
     store.final_arrays()  # a clear error before reading any image
     paths = list_images(data)
-    with ScoreWriter(out, paths, crop=store.attrs["crop"], maps=maps) as writer:
+    with ScoreWriter(out, paths, crop=store.attrs["crop"], maps=maps, overwrite=overwrite) as writer:
         bad = run_score(store, paths, options, writer, weights=_weights(weights))
         for i, err in bad:
             log.warning("skipped %s: %s", writer.name(i), err)
@@ -269,17 +274,19 @@ def evaluate(
     on_error: str = OnErrorOpt,
     quiet: bool = QuietOpt,
     max_image_bytes: Optional[str] = MaxImageOpt,
+    overwrite: bool = OverwriteOpt,
 ):
     """Score a labelled test split: image AUROC, pixel AUROC, PRO, and an HTML report."""
     from .api import open_model
-    from .evaluation.evaluate import evaluate as run_evaluate
+    from .evaluation.evaluate import check_outputs, evaluate as run_evaluate
     from .evaluation.layouts import find_layout
 
     layout = find_layout(data)
+    check_outputs(out, overwrite=overwrite)  # before anything is scored
     m = open_model(model, device=device, weights=_weights(weights))
     ev = run_evaluate(m, layout, batch_size=batch_size, sigma=sigma, loader_workers=loader_workers,
                       examples=examples, progress=not quiet, on_error=on_error, **_image_bytes(max_image_bytes))
-    report = ev.write(out)
+    report = ev.write(out, overwrite=overwrite)
     keys = ("image_auroc", "pixel_auroc", "pro", "n_images", "n_skipped", "counts")
     typer.echo(json.dumps({k: ev.metrics[k] for k in keys} | {"report": str(report)}))
 

