@@ -347,3 +347,24 @@ def test_demo_never_deletes_a_model_it_did_not_make(tmp_path, monkeypatch, ours)
                       device="cpu", loader_workers=0, progress=False)
     left = sorted(os.listdir(tmp_path / "model.zarr"))
     assert (left == []) if ours else ModelStore.open(tmp_path / "model.zarr").n_images == 5
+
+
+# ---- the HTML report escapes everything from names and attributes -----------------------
+def test_the_report_escapes_file_names_folder_names_and_model_attributes(fitted, tmp_path):
+    from conftest import make_mvtec_class
+    from padim_ooc.evaluation.evaluate import evaluate
+
+    evil = "<svg onload=alert(1)>"
+    data = make_mvtec_class(tmp_path / f"cls{evil}", n_train=2, n_good=3, n_defect=2, masks=False,
+                            types=(evil,))
+    for p in (data / "test" / "good").iterdir():
+        p.rename(p.with_name(f'x"><img src=x onerror=alert(2)>{p.name}'))
+    ev = evaluate(po.open_model(fitted, device="cpu"), data, loader_workers=0)
+    ev.metrics["model"].update(dims="<script>alert(3)</script>", n_train_images="<i>", crop="<b>",
+                               backbone="<u>")
+    page = ev.write(tmp_path / "report").read_text()
+    for raw in ("<svg onload", "<script", "<i>", "<u>", "<img src=x"):
+        assert raw not in page, raw
+    assert "&lt;b&gt;x&lt;b&gt; px" in page  # the crop, escaped
+    assert "&lt;script&gt;alert(3)" in page and "&lt;svg onload=alert(1)&gt;" in page
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page
