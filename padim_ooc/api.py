@@ -94,7 +94,7 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
 
 
 def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers: int | None = None,
-                   scheduler: str | None = None, client=None) -> Model:
+                   scheduler: str | None = None, client=None, cluster: Cluster | None = None) -> Model:
     """Compute the precision matrices of a fitted model: ``inv(m2 / (n - 1) + eps I)``.
 
     Finalizes again if the model already is (e.g. with another ``eps``).
@@ -110,6 +110,8 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers
         model's current eps, or 0.01 for a model never finalized.
     workers, scheduler, client
         Run the position chunks on a Dask cluster, as in :func:`fit`.
+    cluster : Cluster, optional
+        The whole record instead (e.g. with TLS certificates); replaces the three above.
 
     Returns
     -------
@@ -118,7 +120,7 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers
     """
     if eps is not None:
         check_eps(eps)
-    cluster = Cluster(workers, scheduler, client)
+    cluster = cluster or Cluster(workers, scheduler, client)
     with ModelStore.open(path, writable=True) as store, cluster.open(store.path) as cl:
         _finalize(store, eps=eps_for(store.attrs, eps), client=cl)
     return open_model(path)
@@ -126,20 +128,21 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, workers
 
 def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, finalize: bool = True,
           eps: float | None = None, workers: int | None = None, scheduler: str | None = None,
-          client=None) -> dict:
+          client=None, cluster: Cluster | None = None) -> dict:
     """Merge stores fitted on disjoint image sets (same configuration) into ``model``.
 
     An existing ``model`` keeps its images and gets the parts' (see
     :func:`padim_ooc.merge.merge_stores`). Returns ``model``, ``parts``,
     ``added``, ``n_images`` and ``finalized`` (the store's state afterwards).
     ``finalize`` finalizes the merged model with ``eps`` (default: the model's
-    current eps, or 0.01 for a new model or one never finalized).
+    current eps, or 0.01 for a new model or one never finalized). ``cluster``: the
+    whole :class:`~padim_ooc.options.Cluster` record instead of ``workers``, ``scheduler``, ``client``.
     """
     from .merge import merge_stores
 
     if eps is not None:
         check_eps(eps)
-    cluster = Cluster(workers, scheduler, client)
+    cluster = cluster or Cluster(workers, scheduler, client)
     # the lock first: a refused writer starts no cluster
     with lock.store_lock(model, lock.default_command()), cluster.open(model, *parts) as cl:
         result = merge_stores(parts, model, client=cl)

@@ -103,8 +103,20 @@ OnErrorOpt = typer.Option("skip", "--on-error", help="skip (warn and count) or f
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 WorkersOpt = typer.Option(None, "--workers", min=1, help="Run on a local Dask cluster of N worker processes "
                           "(one thread each); its dashboard address is printed.")
-SchedulerOpt = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: tcp://HOST:PORT "
-                            "(its workers must reach the model and the images).")
+SchedulerOpt = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: tcp://HOST:PORT, or "
+                            "tls://HOST:PORT with certificates (its workers must reach the model and the images).")
+TlsCaOpt = typer.Option(None, "--tls-ca-file", help="tls:// scheduler: PEM file of the certificate authority "
+                        "[Dask's distributed.comm.tls.ca-file].")
+TlsCertOpt = typer.Option(None, "--tls-cert", help="tls:// scheduler: this client's PEM certificate "
+                          "[distributed.comm.tls.client.cert].")
+TlsKeyOpt = typer.Option(None, "--tls-key", help="tls:// scheduler: this client's PEM key "
+                         "[distributed.comm.tls.client.key].")
+
+
+def _cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key):
+    from .options import Cluster
+
+    return Cluster(workers, scheduler, tls_ca_file=tls_ca_file, tls_cert=tls_cert, tls_key=tls_key)
 
 
 def _bytes(text: Optional[str], option: str = "--max-memory") -> Optional[int]:
@@ -161,6 +173,9 @@ def fit(
     quiet: bool = QuietOpt,
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    tls_ca_file: Optional[str] = TlsCaOpt,
+    tls_cert: Optional[str] = TlsCertOpt,
+    tls_key: Optional[str] = TlsKeyOpt,
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget of each fitting "
                                              "process, e.g. 6GB [available memory x 0.8]; when the statistics do "
                                              "not fit, positions are fitted in blocks, one pass over the images each."),
@@ -173,7 +188,8 @@ def fit(
 
     # every option is checked before anything is built (a backbone may download its weights)
     options = FitOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
-                         on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
+                         on_error=on_error, progress=not quiet,
+                         cluster=_cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key),
                          checkpoint_every=checkpoint_every, max_memory=_bytes(max_memory),
                          finalize=not no_finalize, eps=eps, **_image_bytes(max_image_bytes))
     asked = ModelConfig(backbone=backbone, layers=_layers(layers), dims=dims, seed=seed, weights=weights,
@@ -195,11 +211,14 @@ def finalize(
                                         "diagonal [the model's eps, 0.01 for a model never finalized]."),
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    tls_ca_file: Optional[str] = TlsCaOpt,
+    tls_cert: Optional[str] = TlsCertOpt,
+    tls_key: Optional[str] = TlsKeyOpt,
 ):
     """Compute the precision matrices of a fitted model (covariance + eps I, Cholesky)."""
     from .api import finalize_model
 
-    m = finalize_model(model, eps=eps, workers=workers, scheduler=scheduler)
+    m = finalize_model(model, eps=eps, cluster=_cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key))
     typer.echo(json.dumps({"model": model, "finalized": True, "eps": m.attrs["eps"], "n_images": m.n_images}))
 
 
@@ -212,11 +231,15 @@ def merge(
                                         "diagonal at finalize [the model's eps, 0.01 for a new model]."),
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    tls_ca_file: Optional[str] = TlsCaOpt,
+    tls_cert: Optional[str] = TlsCertOpt,
+    tls_key: Optional[str] = TlsKeyOpt,
 ):
     """Merge model stores fitted elsewhere into one model (Chan's formula, chunk by chunk)."""
     from .api import merge as merge_parts
 
-    result = merge_parts(parts, model, finalize=not no_finalize, eps=eps, workers=workers, scheduler=scheduler)
+    result = merge_parts(parts, model, finalize=not no_finalize, eps=eps,
+                         cluster=_cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key))
     typer.echo(json.dumps(result))
 
 
@@ -235,6 +258,9 @@ def score(
     quiet: bool = QuietOpt,
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    tls_ca_file: Optional[str] = TlsCaOpt,
+    tls_cert: Optional[str] = TlsCertOpt,
+    tls_key: Optional[str] = TlsKeyOpt,
     max_image_bytes: Optional[str] = MaxImageOpt,
     overwrite: bool = OverwriteOpt,
 ):
@@ -246,8 +272,8 @@ def score(
     from .store import ModelStore
 
     options = ScoreOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
-                           on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
-                           sigma=sigma, maps=maps, **_image_bytes(max_image_bytes))
+                           on_error=on_error, progress=not quiet,
+                           cluster=_cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key), sigma=sigma, maps=maps, **_image_bytes(max_image_bytes))
     data = _need_data(data, f"padim-ooc score {model} data/test --out out")
     store = ModelStore.open(model)
     store.final_arrays()  # a clear error before reading any image

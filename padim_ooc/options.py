@@ -41,18 +41,49 @@ def eps_for(stored: dict, eps: float | None) -> float:
     return DEFAULT_EPS if stored.get("eps") is None else stored["eps"]
 
 
+DEFAULT_DASHBOARD = "127.0.0.1:0"
+"""Where a local cluster's dashboard listens: this machine only, a free port."""
+TLS_FILES = ("tls_ca_file", "tls_cert", "tls_key")
+
+
 @dataclass(frozen=True)
 class Cluster:
     """Where the parallel part of a run goes: this process (the default), a local Dask
     cluster of ``workers`` processes, an existing scheduler, or a ``distributed.Client``;
-    ``shards``: how many shards a sharded fit makes (default: one per worker)."""
+    ``shards``: how many shards a sharded fit makes (default: one per worker).
+
+    A ``tls://`` scheduler is reached with ``distributed.Security``: the PEM files
+    ``tls_ca_file`` (the certificate authority that signed the cluster's
+    certificates), ``tls_cert`` and ``tls_key`` (this client's certificate and key),
+    all three or none; none: Dask's own configuration (``distributed.comm.tls.*``).
+    ``dashboard``: the address of a local cluster's dashboard (default
+    ``127.0.0.1:0``, this machine only; ``:0`` for every interface).
+    """
 
     workers: int | None = None
     scheduler: str | None = None
     client: Any = field(default=None, compare=False)
     shards: int | None = None
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    dashboard: str = DEFAULT_DASHBOARD
 
     def __post_init__(self):
+        given = [name for name in TLS_FILES if getattr(self, name) is not None]
+        if given:
+            if len(given) != 3:
+                missing = ", ".join("--" + n.replace("_", "-") for n in TLS_FILES if n not in given)
+                raise PadimError(f"TLS needs all three of --tls-ca-file, --tls-cert and --tls-key; missing {missing}")
+            if not (self.scheduler or "").startswith("tls://"):
+                raise PadimError("TLS certificates are for a scheduler reached at tls://HOST:PORT; give "
+                                 f"--scheduler tls://..., not {self.scheduler or 'no scheduler'}")
+            import os
+
+            for name in given:
+                path = getattr(self, name)
+                if not os.path.isfile(path):
+                    raise PadimError(f"--{name.replace('_', '-')}: no such file {path}")
         if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
             raise PadimError(f"--workers must be at least 1, got {self.workers}")
         if self.workers is not None and self.workers > 1 and self.scheduler:
@@ -82,7 +113,25 @@ class Cluster:
             return nullcontext(self.client)
         from .parallel.client import open_client
 
-        return open_client(self.workers, self.scheduler)
+        return open_client(self.workers, self.scheduler, dashboard=self.dashboard, security=self.security())
+
+    def security(self):
+        """The ``distributed.Security`` of a ``tls://`` scheduler (None for other addresses):
+        from the certificate files if given, else from Dask's configuration; a one-line
+        error if neither names a certificate authority and a client certificate."""
+        if not (self.scheduler or "").startswith("tls://"):
+            return None
+        from distributed.security import Security
+
+        if self.tls_ca_file is not None:
+            return Security(tls_ca_file=self.tls_ca_file, tls_client_cert=self.tls_cert,
+                            tls_client_key=self.tls_key, require_encryption=True)
+        sec = Security()  # distributed.comm.tls.ca-file, .client.cert, .client.key
+        if not (sec.tls_ca_file and sec.tls_client_cert):
+            raise PadimError(f"{self.scheduler} is a TLS address but no certificates are given: pass "
+                             "--tls-ca-file, --tls-cert and --tls-key, or set distributed.comm.tls.ca-file and "
+                             "distributed.comm.tls.client.cert/.key in Dask's configuration")
+        return sec
 
 
 @dataclass(frozen=True)
@@ -187,5 +236,5 @@ class ScoreOptions(RunOptions):
             raise PadimError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
 
 
-__all__ = ["DEFAULT_MAX_IMAGE_BYTES", "Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "eps_for", "DEFAULT_BATCH_SIZE",
+__all__ = ["DEFAULT_MAX_IMAGE_BYTES", "DEFAULT_DASHBOARD", "Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "eps_for", "DEFAULT_BATCH_SIZE",
            "DEFAULT_EPS", "DEFAULT_SIGMA"]
