@@ -30,10 +30,12 @@ from typing import Any
 
 from ..errors import PadimError
 
-_STATE = re.compile(r"state-([0-9]{6})")
+_STATE = re.compile(r"state-([0-9]{6,10})")
 # final-<seq>-<k>; stores written before the counter: final-<seq> or final-<seq>b, and no 'finals'
-_FINAL = re.compile(r"final-([0-9]{6})(?:b|-([0-9]+))?")
-_SEGMENT = re.compile(r"[0-9]{6}")
+_FINAL = re.compile(r"final-([0-9]{6,10})(?:b|-([0-9]{1,10}))?")
+_SEGMENT = re.compile(r"[0-9]{6,10}")
+MAX_COUNT = 10**9  # checkpoints, finalizations: names stay within the patterns above
+MAX_IMAGES = 2**53  # counts stay exact in float64
 # the most positions x channels a store may claim: a (P, d, d) float32 array of this is 400 GB
 MAX_ELEMENTS = 10**11
 
@@ -132,15 +134,18 @@ def check_attrs(attrs: Any, path: str, supported: int) -> dict:
     c.str_("weights_digest")
     resize = c.int_("resize", 1, 100_000)
     c.int_("crop", 1, resize)
-    c.list_("normalize_mean", _is_real, "a list of 3 finite numbers", length=3)
-    c.list_("normalize_std", lambda x: _is_real(x) and x > 0, "a list of 3 positive numbers", length=3)
+    # pixels are scaled to [0, 1] before the normalisation: anything far outside is no model's
+    c.list_("normalize_mean", lambda x: _is_real(x) and -1e3 <= x <= 1e3, "a list of 3 numbers from -1000 to 1000",
+            length=3)
+    c.list_("normalize_std", lambda x: _is_real(x) and 1e-6 <= x <= 1e3, "a list of 3 numbers from 1e-06 to 1000",
+            length=3)
     grid = c.list_("grid", lambda x: _is_int(x) and 1 <= x <= 100_000, "a list [h, w] of 2 positive integers", length=2)
     if grid[0] * grid[1] * dims * dims > MAX_ELEMENTS:
         c.fail("grid", f"a grid whose positions x dims^2 is at most {MAX_ELEMENTS:.0e}")
-    c.int_("chunk_positions", 1)
+    c.int_("chunk_positions", 1, 2**31)
     # counts and pointers
-    n = c.int_("n_images", 0)
-    seq = c.int_("seq", 0)
+    n = c.int_("n_images", 0, MAX_IMAGES)
+    seq = c.int_("seq", 0, MAX_COUNT)
     state = c.str_("state", _STATE, optional=True, what="a state name like 'state-000001'")
     if state is None and n:
         c.fail("state", f"a state name (the model holds {n} images)")
@@ -151,12 +156,12 @@ def check_attrs(attrs: Any, path: str, supported: int) -> dict:
         "a list of distinct segment names like '000001'")
     del ledger
     finalized = c.get("finalized", lambda v: isinstance(v, bool), "true or false")
-    finals = c.int_("finals", 0, optional=True)
+    finals = c.int_("finals", 0, MAX_COUNT, optional=True)
     final = c.str_("final", _FINAL, optional=True, what="a final name like 'final-000001-1'")
     if finalized != (final is not None):
         c.fail("final", "a final name exactly when 'finalized' is true")
     if final is not None:
-        if state is None or _FINAL.fullmatch(final)[1] != _STATE.fullmatch(state)[1]:
+        if state is None or int(_FINAL.fullmatch(final)[1]) != int(_STATE.fullmatch(state)[1]):
             c.fail("final", f"the finalization of the live state {state}")
         k = _FINAL.fullmatch(final)[2]
         if k is not None and int(k) > (finals or 0):
