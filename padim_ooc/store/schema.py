@@ -151,10 +151,9 @@ def check_attrs(attrs: Any, path: str, supported: int) -> dict:
         c.fail("state", f"a state name (the model holds {n} images)")
     if state is not None and int(_STATE.fullmatch(state)[1]) > seq:
         c.fail("state", f"a state numbered at most seq={seq}")
-    ledger = c.get("ledger", lambda v: isinstance(v, list) and all(
+    c.get("ledger", lambda v: isinstance(v, list) and all(
         isinstance(x, str) and _SEGMENT.fullmatch(x) for x in v) and len(set(v)) == len(v),
         "a list of distinct segment names like '000001'")
-    del ledger
     finalized = c.get("finalized", lambda v: isinstance(v, bool), "true or false")
     finals = c.int_("finals", 0, MAX_COUNT, optional=True)
     final = c.str_("final", _FINAL, optional=True, what="a final name like 'final-000001-1'")
