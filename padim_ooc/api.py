@@ -104,7 +104,8 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
 
 
 def finalize_model(path: str | os.PathLike, *, eps: float | None = None, shrinkage: str | None = None,
-                   workers: int | None = None, scheduler: str | None = None, client=None) -> Model:
+                   workers: int | None = None, scheduler: str | None = None, client=None,
+                   cluster: Cluster | None = None) -> Model:
     """Compute the precision matrices of a fitted model: ``inv(m2 / (n - 1) + eps I)``
     (or of the OAS-shrunk covariance, ``shrinkage="oas"``).
 
@@ -124,6 +125,8 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, shrinka
         Default: the model's current one, ``none`` for a model never finalized.
     workers, scheduler, client
         Run the position chunks on a Dask cluster, as in :func:`fit`.
+    cluster : Cluster, optional
+        The whole record instead (e.g. with TLS certificates); replaces the three above.
 
     Returns
     -------
@@ -134,7 +137,7 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, shrinka
         check_eps(eps)
     if shrinkage is not None:
         check_shrinkage(shrinkage)
-    cluster = Cluster(workers, scheduler, client)
+    cluster = cluster or Cluster(workers, scheduler, client)
     with ModelStore.open(path, writable=True) as store, cluster.open(store.path) as cl:
         _finalize(store, eps=eps_for(store.attrs, eps), shrinkage=shrinkage_for(store.attrs, shrinkage), client=cl)
     return open_model(path)
@@ -142,7 +145,7 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, shrinka
 
 def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, finalize: bool = True,
           eps: float | None = None, shrinkage: str | None = None, workers: int | None = None,
-          scheduler: str | None = None, client=None) -> dict:
+          scheduler: str | None = None, client=None, cluster: Cluster | None = None) -> dict:
     """Merge stores fitted on disjoint image sets (same configuration) into ``model``.
 
     An existing ``model`` keeps its images and gets the parts' (see
@@ -150,7 +153,8 @@ def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, final
     ``added``, ``n_images`` and ``finalized`` (the store's state afterwards).
     ``finalize`` finalizes the merged model with ``eps`` (default: the model's
     current eps, or 0.01 for a new model or one never finalized) and ``shrinkage``
-    (default: the model's, ``none`` for a new one).
+    (default: the model's, ``none`` for a new one). ``cluster``: the whole
+    :class:`~padim_ooc.options.Cluster` record instead of ``workers``, ``scheduler``, ``client``.
     """
     from .merge import merge_stores
 
@@ -158,7 +162,7 @@ def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, final
         check_eps(eps)
     if shrinkage is not None:
         check_shrinkage(shrinkage)
-    cluster = Cluster(workers, scheduler, client)
+    cluster = cluster or Cluster(workers, scheduler, client)
     # the lock first: a refused writer starts no cluster
     with lock.store_lock(model, lock.default_command()), cluster.open(model, *parts) as cl:
         result = merge_stores(parts, model, client=cl)

@@ -106,11 +106,23 @@ OnErrorOpt = typer.Option("skip", "--on-error", help="skip (warn and count) or f
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 WorkersOpt = typer.Option(None, "--workers", min=1, help="Run on a local Dask cluster of N worker processes "
                           "(one thread each); its dashboard address is printed.")
-SchedulerOpt = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: tcp://HOST:PORT "
-                            "(its workers must reach the model and the images).")
+SchedulerOpt = typer.Option(None, "--scheduler", help="Run on an existing Dask cluster: tcp://HOST:PORT, or "
+                            "tls://HOST:PORT with certificates (its workers must reach the model and the images).")
+TlsCaOpt = typer.Option(None, "--tls-ca-file", help="tls:// scheduler: PEM file of the certificate authority "
+                        "[Dask's distributed.comm.tls.ca-file].")
+TlsCertOpt = typer.Option(None, "--tls-cert", help="tls:// scheduler: this client's PEM certificate "
+                          "[distributed.comm.tls.client.cert].")
+TlsKeyOpt = typer.Option(None, "--tls-key", help="tls:// scheduler: this client's PEM key "
+                         "[distributed.comm.tls.client.key].")
 
 
-def _bytes(text: Optional[str]) -> Optional[int]:
+def _cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key):
+    from .options import Cluster
+
+    return Cluster(workers, scheduler, tls_ca_file=tls_ca_file, tls_cert=tls_cert, tls_key=tls_key)
+
+
+def _bytes(text: Optional[str], option: str = "--max-memory") -> Optional[int]:
     if text is None:
         return None
     from dask.utils import parse_bytes
@@ -118,10 +130,24 @@ def _bytes(text: Optional[str]) -> Optional[int]:
     try:
         value = parse_bytes(text)
     except (ValueError, TypeError):
-        raise PadimError(f"--max-memory expects a size like 4GB or 512MiB, got {text!r}") from None
+        raise PadimError(f"{option} expects a size like 4GB or 512MiB, got {text!r}") from None
     if value <= 0:
-        raise PadimError(f"--max-memory must be positive, got {text!r}")
+        raise PadimError(f"{option} must be positive, got {text!r}")
     return value
+
+
+MaxImageOpt = typer.Option(None, "--max-image-bytes", help="Largest image (or mask) file read, e.g. 1GB "
+                           "[256MiB]; a larger file is skipped with its reason (checked before it is read).")
+
+
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in OUT "
+                            "(refused without it); other files there are left alone.")
+
+
+def _image_bytes(text: Optional[str]) -> dict:
+    """``max_image_bytes=...`` for a RunOptions record, or nothing (its default)."""
+    value = _bytes(text, "--max-image-bytes")
+    return {} if value is None else {"max_image_bytes": value}
 PresetOpt = typer.Option(None, "--preset", help="r18-rd100 (resnet18, 100 channels), wr50-rd550 "
                          "(wide_resnet50_2, 550) or lite0 (efficientnet_lite0, all 176); explicit options override it.")
 
@@ -151,6 +177,9 @@ def fit(
     quiet: bool = QuietOpt,
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    tls_ca_file: Optional[str] = TlsCaOpt,
+    tls_cert: Optional[str] = TlsCertOpt,
+    tls_key: Optional[str] = TlsKeyOpt,
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget of each fitting "
                                              "process, e.g. 6GB [available memory x 0.8]; when the statistics do "
                                              "not fit, positions are fitted in blocks, one pass over the images each."),
@@ -158,17 +187,20 @@ def fit(
                                   "(chosen by content hash) to calibrate the model on after finalizing, e.g. 0.2."),
     fpr: Optional[float] = typer.Option(None, "--fpr", show_default=False, help="False-alarm rate of the "
                                         f"calibration on the held-out images [the model's, {DEFAULT_FPR}]."),
+    max_image_bytes: Optional[str] = MaxImageOpt,
 ):
     """Fit a model on normal images (or add unseen images to an existing one)."""
     from .config import ModelConfig
     from .fit import run_fit
-    from .options import Cluster, FitOptions
+    from .options import FitOptions
 
     # every option is checked before anything is built (a backbone may download its weights)
     options = FitOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
-                         on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
+                         on_error=on_error, progress=not quiet,
+                         cluster=_cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key),
                          checkpoint_every=checkpoint_every, max_memory=_bytes(max_memory),
-                         finalize=not no_finalize, eps=eps, shrinkage=shrinkage, holdout=holdout, fpr=fpr)
+                         finalize=not no_finalize, eps=eps, shrinkage=shrinkage, holdout=holdout, fpr=fpr,
+                         **_image_bytes(max_image_bytes))
     asked = ModelConfig(backbone=backbone, layers=_layers(layers), dims=dims, seed=seed, weights=weights,
                         resize=resize, crop=crop)
     if preset is not None:  # the preset's fields, overridden by those given explicitly
@@ -189,11 +221,15 @@ def finalize(
     shrinkage: Optional[str] = ShrinkageOpt,
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    tls_ca_file: Optional[str] = TlsCaOpt,
+    tls_cert: Optional[str] = TlsCertOpt,
+    tls_key: Optional[str] = TlsKeyOpt,
 ):
     """Compute the precision matrices of a fitted model (covariance + eps I, Cholesky)."""
     from .api import finalize_model
 
-    m = finalize_model(model, eps=eps, shrinkage=shrinkage, workers=workers, scheduler=scheduler)
+    m = finalize_model(model, eps=eps, shrinkage=shrinkage,
+                       cluster=_cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key))
     typer.echo(json.dumps({"model": model, "finalized": True, "eps": m.attrs["eps"],
                            "shrinkage": m.attrs.get("shrinkage") or "none", "n_images": m.n_images}))
 
@@ -208,12 +244,15 @@ def merge(
     shrinkage: Optional[str] = ShrinkageOpt,
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    tls_ca_file: Optional[str] = TlsCaOpt,
+    tls_cert: Optional[str] = TlsCertOpt,
+    tls_key: Optional[str] = TlsKeyOpt,
 ):
     """Merge model stores fitted elsewhere into one model (Chan's formula, chunk by chunk)."""
     from .api import merge as merge_parts
 
-    result = merge_parts(parts, model, finalize=not no_finalize, eps=eps, shrinkage=shrinkage, workers=workers,
-                         scheduler=scheduler)
+    result = merge_parts(parts, model, finalize=not no_finalize, eps=eps, shrinkage=shrinkage,
+                         cluster=_cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key))
     typer.echo(json.dumps(result))
 
 
@@ -237,6 +276,11 @@ def score(
     quiet: bool = QuietOpt,
     workers: Optional[int] = WorkersOpt,
     scheduler: Optional[str] = SchedulerOpt,
+    tls_ca_file: Optional[str] = TlsCaOpt,
+    tls_cert: Optional[str] = TlsCertOpt,
+    tls_key: Optional[str] = TlsKeyOpt,
+    max_image_bytes: Optional[str] = MaxImageOpt,
+    overwrite: bool = OverwriteOpt,
 ):
     """Score images: OUT/scores.csv with one row per image, in input order: `path,score`, and on a
     calibrated model `path,score,p_value,label` (label anomalous or normal).
@@ -254,16 +298,17 @@ def score(
                              "leave --device out, or score the model store itself")
         return _score_export(model, _need_data(data, f"padim-ooc score {model} data/test --out out"), out,
                              maps=maps, sigma=sigma, batch_size=batch_size, on_error=on_error, masks=masks,
-                             overlays=overlays)
+                             overlays=overlays, overwrite=overwrite, **_image_bytes(max_image_bytes))
     from .api import run_score
     from .data import list_images
-    from .options import Cluster, ScoreOptions
+    from .options import ScoreOptions
     from .outputs import ScoreWriter
     from .store import ModelStore
 
     options = ScoreOptions(batch_size=batch_size, device=device, loader_workers=loader_workers,
-                           on_error=on_error, progress=not quiet, cluster=Cluster(workers, scheduler),
-                           sigma=sigma, maps=maps, masks=masks, overlays=overlays)
+                           on_error=on_error, progress=not quiet,
+                           cluster=_cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key), sigma=sigma,
+                           maps=maps, masks=masks, overlays=overlays, **_image_bytes(max_image_bytes))
     data = _need_data(data, f"padim-ooc score {model} data/test --out out")
     store = ModelStore.open(model)
     store.final_arrays()  # a clear error before reading any image
@@ -276,7 +321,7 @@ def score(
                     "p-values belong to the old model; re-calibrate (padim-ooc calibrate %s ...)", model, model)
     paths = list_images(data)
     with ScoreWriter(out, paths, crop=store.attrs["crop"], maps=maps, calibration=calibration,
-                     resize=store.attrs["resize"], masks=masks, overlays=overlays) as writer:
+                     resize=store.attrs["resize"], masks=masks, overlays=overlays, overwrite=overwrite) as writer:
         bad = run_score(store, paths, options, writer, weights=_weights(weights))
         for i, err in bad:
             log.warning("skipped %s: %s", writer.name(i), err)
@@ -318,7 +363,8 @@ def calibrate(
 
 
 def _score_export(folder: str, data: List[str], out: str, *, maps: bool, sigma: float, batch_size: int,
-                  on_error: str, masks: bool = False, overlays: Optional[str] = None) -> None:
+                  on_error: str, masks: bool = False, overlays: Optional[str] = None, overwrite: bool = False,
+                  **image_bytes) -> None:
     """``padim-ooc score EXPORT ...``: the runtime's scores written as a model's are (the same
     ScoreWriter, with the export's calibration: p-values, labels, masks, overlays)."""
     from .calibration import Calibration
@@ -327,7 +373,8 @@ def _score_export(folder: str, data: List[str], out: str, *, maps: bool, sigma: 
     from .options import ScoreOptions
     from .outputs import ScoreWriter
 
-    ScoreOptions(batch_size=batch_size, on_error=on_error, sigma=sigma, maps=maps, masks=masks, overlays=overlays)
+    ScoreOptions(batch_size=batch_size, on_error=on_error, sigma=sigma, maps=maps, masks=masks, overlays=overlays,
+                 **image_bytes)
     try:
         scorer = Scorer(folder)
         if float(sigma) != float(scorer.meta["sigma"]):
@@ -339,7 +386,7 @@ def _score_export(folder: str, data: List[str], out: str, *, maps: bool, sigma: 
                              f"export {folder} was made from a model without a calibration")
         paths = list_images(data)
         skipped = 0
-        with ScoreWriter(out, paths, crop=scorer.crop, maps=maps, calibration=calibration,
+        with ScoreWriter(out, paths, crop=scorer.crop, maps=maps, calibration=calibration, overwrite=overwrite,
                          resize=int(scorer.preprocess_record["resize"]), masks=masks, overlays=overlays) as writer:
             for indices, res, errors in scorer.score_files(paths, batch_size=batch_size):
                 for i, err in errors:
@@ -391,18 +438,22 @@ def evaluate(
     device: str = DeviceOpt,
     weights: Optional[str] = ModelWeightsOpt,
     loader_workers: Optional[int] = LoaderOpt,
+    on_error: str = OnErrorOpt,
     quiet: bool = QuietOpt,
+    max_image_bytes: Optional[str] = MaxImageOpt,
+    overwrite: bool = OverwriteOpt,
 ):
     """Score a labelled test split: image AUROC, pixel AUROC, PRO, and an HTML report."""
     from .api import open_model
-    from .evaluation.evaluate import evaluate as run_evaluate
+    from .evaluation.evaluate import check_outputs, evaluate as run_evaluate
     from .evaluation.layouts import find_layout
 
     layout = find_layout(data)
+    check_outputs(out, overwrite=overwrite)  # before anything is scored
     m = open_model(model, device=device, weights=_weights(weights))
     ev = run_evaluate(m, layout, batch_size=batch_size, sigma=sigma, loader_workers=loader_workers,
-                      examples=examples, progress=not quiet)
-    report = ev.write(out)
+                      examples=examples, progress=not quiet, on_error=on_error, **_image_bytes(max_image_bytes))
+    report = ev.write(out, overwrite=overwrite)
     keys = ("image_auroc", "pixel_auroc", "pro", "n_images", "n_skipped", "counts", "decision")
     typer.echo(json.dumps({k: ev.metrics.get(k) for k in keys} | {"report": str(report)}))
 

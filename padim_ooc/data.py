@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from . import sources as _sources
 from .errors import PadimError
+from .options import DEFAULT_MAX_IMAGE_BYTES
 
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm", ".pbm"}
@@ -30,6 +32,8 @@ LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGEST_SIZE = 16
+_KIND = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+         stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
 class ImageList(list):
@@ -158,7 +162,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def read_image(path: Path, data: bytes | None = None):
+def read_image(path: Path, data: bytes | None = None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
     """Read and decode one image file.
 
     Returns
@@ -170,19 +174,32 @@ def read_image(path: Path, data: bytes | None = None):
         are refused before they are decoded.
     """
     if data is None:
-        data, reason = read_bytes(path)
+        data, reason = read_bytes(path, max_bytes)
         if reason:
             return None, reason
+    return decode_checked(data, decode_rgb)
+
+
+def decode_checked(data: bytes, decode=None):
+    """``(decode(data), None)``, or ``(None, reason)`` for bytes that are no usable image.
+
+    ``decode`` (default: open and load with PIL) runs under PIL's decompression-bomb
+    limit (``PIL.Image.MAX_IMAGE_PIXELS``, its warning made an error): an image over
+    it is refused before its pixels are decoded. Any decoder failure is a reason.
+    """
     if not data:
         return None, "empty file (0 bytes)"
+    decode = decode or open_loaded
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return decode_rgb(data), None
+            return decode(data), None
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         return None, f"image too large ({_pixels(err)} pixels, over the limit of {Image.MAX_IMAGE_PIXELS} pixels)"
     except Image.UnidentifiedImageError:
         return None, "not an image (unknown or damaged format)"
+    except MemoryError:
+        return None, "cannot decode: out of memory"
     except Exception as err:  # any decoder failure on these bytes is a bad file, not a bug
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "truncated" in text.lower():
@@ -190,18 +207,32 @@ def read_image(path: Path, data: bytes | None = None):
         return None, f"cannot decode: {type(err).__name__}: {text}"
 
 
+def open_loaded(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
 def _pixels(err: Exception) -> str:
     digits = [w for w in str(err).replace("(", " ").split() if w.isdigit()]
     return digits[0] if digits else "too many"
 
 
-def read_bytes(path: Path) -> tuple[bytes | None, str | None]:
-    """The bytes of a file, or (None, reason) if it cannot be read."""
-    if _sources.is_url(path):  # a URL or a tar member (padim_ooc.sources)
-        return _sources.read_bytes(path)
+def read_bytes(path: Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tuple[bytes | None, str | None]:
+    """The bytes of a regular file (a link to one is followed), of a URL or a tar member, or (None, reason).
+
+    A local path that is anything else (a FIFO, a device such as ``/dev/zero``, a
+    socket, a folder) is refused without reading it: it is opened non-blocking (a
+    FIFO without a writer does not hang) and checked with ``fstat``. A file over
+    ``max_bytes`` is refused before it is read, and at most ``max_bytes + 1`` bytes
+    are ever read (a file that grows meanwhile is refused too). A URL or tar member
+    (:mod:`padim_ooc.sources`) is refused after it is read if it is over ``max_bytes``.
+    """
+    if _sources.is_url(path):
+        return over_limit(*_sources.read_bytes(path), max_bytes)
     path = Path(path)
     try:
-        return path.read_bytes(), None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     except IsADirectoryError:
         return None, "a folder, not an image file"
     except FileNotFoundError:
@@ -210,6 +241,30 @@ def read_bytes(path: Path) -> tuple[bytes | None, str | None]:
         return None, "file not found (removed after it was listed?)"
     except (OSError, ValueError) as err:
         return None, f"cannot read: {getattr(err, 'strerror', None) or err}"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = _KIND.get(stat.S_IFMT(info.st_mode), "not a regular file")
+            return None, f"{kind}, not an image file"
+        if info.st_size > max_bytes:
+            return None, (f"file too large ({info.st_size} bytes, over the limit of {max_bytes}; "
+                          "raise it with --max-image-bytes)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:
+            return None, f"file too large (grew over the limit of {max_bytes} bytes while read)"
+        return b"".join(chunks), None
+    except (OSError, ValueError, MemoryError) as err:
+        return None, f"cannot read: {getattr(err, 'strerror', None) or err}"
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -238,6 +293,14 @@ def digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 
 
+def over_limit(data: bytes | None, reason: str | None, max_bytes: int) -> tuple[bytes | None, str | None]:
+    """``(data, reason)``, or a refusal if ``data`` is longer than ``max_bytes`` (an object read whole)."""
+    if data is not None and len(data) > max_bytes:
+        return None, (f"file too large ({len(data)} bytes, over the limit of {max_bytes}; "
+                      "raise it with --max-image-bytes)")
+    return data, reason
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Images as ``(index, digest, tensor or None, error or None)`` items.
 
@@ -245,23 +308,26 @@ class ImageFiles(torch.utils.data.Dataset):
     decoded, and come back with ``tensor=None, error=None``.
     """
 
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, skip: frozenset = frozenset()):
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess, skip: frozenset = frozenset(),
+                 max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.paths = list(paths)
         self.preprocess = preprocess
         self.skip = skip
+        self.max_bytes = max_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return self._item(i, *read_bytes(self.paths[i]))
+        return self._item(i, *read_bytes(self.paths[i], self.max_bytes))
 
     def __getitems__(self, indices: list[int]):
         """A batch of items (the DataLoader asks for whole batches): URLs and tar members
         read together (:func:`padim_ooc.sources.read_many`, concurrently), files one by one."""
         remote = [i for i in indices if _sources.is_url(self.paths[i])]
         read = dict(zip(remote, _sources.read_many([self.paths[i] for i in remote]))) if remote else {}
-        return [self._item(i, *(read[i] if i in read else read_bytes(self.paths[i]))) for i in indices]
+        return [self._item(i, *(over_limit(*read[i], self.max_bytes) if i in read else
+                                read_bytes(self.paths[i], self.max_bytes))) for i in indices]
 
     def _item(self, i: int, data: bytes | None, reason: str | None):
         path = self.paths[i]

@@ -73,12 +73,29 @@ def precision_block(m2: np.ndarray, n: int, eps: float, shrinkage: str = DEFAULT
     without shrinkage), computed with a Cholesky factorisation in float64
     (LU-based batched inverses fail for d > ~148 with several threads on this stack).
     """
+    if not np.isfinite(m2).all():
+        raise PadimError(f"the model's statistics hold {int((~np.isfinite(m2)).sum())} non-finite values "
+                         "(NaN or inf) in m2: the model is damaged; fit it again")
     cov, _ = covariance_block(m2, n, shrinkage)
     cov.diagonal(dim1=-2, dim2=-1).add_(eps)
     chol, info = torch.linalg.cholesky_ex(cov)
     if bool((info > 0).any()):
         raise PadimError(f"a covariance is not positive definite (eps={eps}); use a larger --eps")
-    return torch.cholesky_inverse(chol).to(torch.float32).numpy()
+    precision = torch.cholesky_inverse(chol).to(torch.float32).numpy()
+    if not np.isfinite(precision).all():  # float32 overflow of a near-singular covariance
+        raise PadimError(f"a precision matrix overflows float32 (eps={eps}); use a larger --eps")
+    return precision
+
+
+def mean_block(mean: np.ndarray) -> np.ndarray:
+    """The float32 mean of one chunk of positions; non-finite values are an error."""
+    if not np.isfinite(mean).all():
+        raise PadimError(f"the model's statistics hold {int((~np.isfinite(mean)).sum())} non-finite values "
+                         "(NaN or inf) in the mean: the model is damaged; fit it again")
+    out = mean.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise PadimError("the model's mean overflows float32: the model is damaged; fit it again")
+    return out
 
 
 def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, shrinkage: str = DEFAULT_SHRINKAGE,
@@ -125,7 +142,8 @@ def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, shrinkage: str = DE
     precision = m2.map_blocks(precision_block, n, eps, shrinkage, dtype=np.float32)
     # da.store writes each block into its own region (blocks = stored chunks: no rechunk, no lock);
     # da.to_zarr would rechunk to ~128 MiB blocks first and multiply the memory per task
-    stores = [da.store([precision, mean.astype(np.float32)], [prec, mean32], lock=False, compute=False)]
+    mean32_blocks = mean.map_blocks(mean_block, dtype=np.float32)
+    stores = [da.store([precision, mean32_blocks], [prec, mean32], lock=False, compute=False)]
     with store.switching(name):  # a failed chunk write: one line naming the store, the new arrays removed
         compute(stores, client=client, scheduler=scheduler)
     store.commit_final(name, eps, shrinkage)

@@ -408,7 +408,7 @@ def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], 
     with bar(title, len(paths) * len(ranges), enabled=options.progress) as advance:
         for first in range(0, len(paths), segment):
             part = paths[first:first + segment]
-            dataset = ImageFiles(part, extractor.preprocess, skip=ledger.skip)
+            dataset = ImageFiles(part, extractor.preprocess, skip=ledger.skip, max_bytes=options.max_image_bytes)
             kept: dict[int, bytes] = {}  # index into paths -> digest, decided in the first pass
             pending: list[bytes] = []  # one block: digests folded in since the last checkpoint
             seen: list[bytes] = []  # (identity, digest) records since the last checkpoint

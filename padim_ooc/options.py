@@ -15,6 +15,10 @@ from typing import Any
 from .errors import PadimError
 
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
+"""Largest image (or mask) file read, in bytes [256 MiB]: a file is checked against it before
+it is read, so a huge file or a device cannot exhaust the memory. Raise it with
+``--max-image-bytes`` (:attr:`RunOptions.max_image_bytes`)."""
 DEFAULT_EPS = 0.01
 DEFAULT_SHRINKAGE = "none"
 SHRINKAGES = ("none", "oas")
@@ -66,18 +70,49 @@ def shrinkage_for(stored: dict, shrinkage: str | None) -> str:
     return stored.get("shrinkage") or DEFAULT_SHRINKAGE
 
 
+DEFAULT_DASHBOARD = "127.0.0.1:0"
+"""Where a local cluster's dashboard listens: this machine only, a free port."""
+TLS_FILES = ("tls_ca_file", "tls_cert", "tls_key")
+
+
 @dataclass(frozen=True)
 class Cluster:
     """Where the parallel part of a run goes: this process (the default), a local Dask
     cluster of ``workers`` processes, an existing scheduler, or a ``distributed.Client``;
-    ``shards``: how many shards a sharded fit makes (default: one per worker)."""
+    ``shards``: how many shards a sharded fit makes (default: one per worker).
+
+    A ``tls://`` scheduler is reached with ``distributed.Security``: the PEM files
+    ``tls_ca_file`` (the certificate authority that signed the cluster's
+    certificates), ``tls_cert`` and ``tls_key`` (this client's certificate and key),
+    all three or none; none: Dask's own configuration (``distributed.comm.tls.*``).
+    ``dashboard``: the address of a local cluster's dashboard (default
+    ``127.0.0.1:0``, this machine only; ``:0`` for every interface).
+    """
 
     workers: int | None = None
     scheduler: str | None = None
     client: Any = field(default=None, compare=False)
     shards: int | None = None
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    dashboard: str = DEFAULT_DASHBOARD
 
     def __post_init__(self):
+        given = [name for name in TLS_FILES if getattr(self, name) is not None]
+        if given:
+            if len(given) != 3:
+                missing = ", ".join("--" + n.replace("_", "-") for n in TLS_FILES if n not in given)
+                raise PadimError(f"TLS needs all three of --tls-ca-file, --tls-cert and --tls-key; missing {missing}")
+            if not (self.scheduler or "").startswith("tls://"):
+                raise PadimError("TLS certificates are for a scheduler reached at tls://HOST:PORT; give "
+                                 f"--scheduler tls://..., not {self.scheduler or 'no scheduler'}")
+            import os
+
+            for name in given:
+                path = getattr(self, name)
+                if not os.path.isfile(path):
+                    raise PadimError(f"--{name.replace('_', '-')}: no such file {path}")
         if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
             raise PadimError(f"--workers must be at least 1, got {self.workers}")
         if self.workers is not None and self.workers > 1 and self.scheduler:
@@ -107,7 +142,25 @@ class Cluster:
             return nullcontext(self.client)
         from .parallel.client import open_client
 
-        return open_client(self.workers, self.scheduler)
+        return open_client(self.workers, self.scheduler, dashboard=self.dashboard, security=self.security())
+
+    def security(self):
+        """The ``distributed.Security`` of a ``tls://`` scheduler (None for other addresses):
+        from the certificate files if given, else from Dask's configuration; a one-line
+        error if neither names a certificate authority and a client certificate."""
+        if not (self.scheduler or "").startswith("tls://"):
+            return None
+        from distributed.security import Security
+
+        if self.tls_ca_file is not None:
+            return Security(tls_ca_file=self.tls_ca_file, tls_client_cert=self.tls_cert,
+                            tls_client_key=self.tls_key, require_encryption=True)
+        sec = Security()  # distributed.comm.tls.ca-file, .client.cert, .client.key
+        if not (sec.tls_ca_file and sec.tls_client_cert):
+            raise PadimError(f"{self.scheduler} is a TLS address but no certificates are given: pass "
+                             "--tls-ca-file, --tls-cert and --tls-key, or set distributed.comm.tls.ca-file and "
+                             "distributed.comm.tls.client.cert/.key in Dask's configuration")
+        return sec
 
 
 @dataclass(frozen=True)
@@ -129,6 +182,10 @@ class RunOptions:
         Progress bars and plan lines on stderr.
     cluster : Cluster
         Where the parallel part runs.
+    max_image_bytes : int
+        Largest image file read, in bytes (checked before reading; default
+        :data:`padim_ooc.data.DEFAULT_MAX_IMAGE_BYTES`, 256 MiB); a larger one is a
+        counted skip with its reason (or the error with ``on_error='fail'``).
     """
 
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -137,6 +194,7 @@ class RunOptions:
     on_error: str = "skip"
     progress: bool = False
     cluster: Cluster = field(default_factory=Cluster)
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
 
     def __post_init__(self):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -147,6 +205,9 @@ class RunOptions:
             raise PadimError(f"loader workers must be 0 or more, got {self.loader_workers}")
         if self.on_error not in ON_ERROR:
             raise PadimError(f"--on-error must be skip or fail, not {self.on_error!r}")
+        if isinstance(self.max_image_bytes, bool) or not isinstance(self.max_image_bytes, int) \
+                or self.max_image_bytes < 1:
+            raise PadimError(f"--max-image-bytes must be a positive number of bytes, got {self.max_image_bytes!r}")
 
 
 @dataclass(frozen=True)
@@ -237,5 +298,5 @@ class ScoreOptions(RunOptions):
 
 
 __all__ = ["Cluster", "RunOptions", "FitOptions", "ScoreOptions", "check_eps", "check_fpr", "eps_for", "check_shrinkage",
-           "shrinkage_for", "DEFAULT_BATCH_SIZE", "DEFAULT_EPS", "DEFAULT_FPR", "DEFAULT_SHRINKAGE", "DEFAULT_SIGMA",
-           "OVERLAYS", "SHRINKAGES"]
+           "shrinkage_for", "DEFAULT_BATCH_SIZE", "DEFAULT_DASHBOARD", "DEFAULT_EPS", "DEFAULT_FPR",
+           "DEFAULT_MAX_IMAGE_BYTES", "DEFAULT_SHRINKAGE", "DEFAULT_SIGMA", "OVERLAYS", "SHRINKAGES"]

@@ -12,7 +12,11 @@ import zarr
 
 from .data import display_path
 from .errors import PadimError
+from .owned import claim_outputs
 from .store import zarr_options
+
+SCORE_OUTPUTS = ("scores.csv", "maps.zarr", "masks", "overlays")
+"""What ``score`` writes into OUT: refused if an earlier run left one (unless ``overwrite``)."""
 
 # bytes of maps read and written at once when maps.zarr is compacted
 COPY_BYTES = 64 * 2**20
@@ -57,11 +61,14 @@ class ScoreWriter:
     array is compacted (skipped images removed) when it closes. Closing with
     no image scored is an error, and a run that fails (an exception inside
     the ``with`` block, or nothing scored) removes what it wrote: the output
-    folder if it created it, else its ``maps.zarr``.
+    folder if it created it, else its ``maps.zarr``. Outputs of an earlier run
+    (:data:`SCORE_OUTPUTS`) are refused unless ``overwrite``, then removed
+    first, so that the new ones replace them whole (see :mod:`padim_ooc.owned`).
     """
 
     def __init__(self, out: str | os.PathLike, paths: Sequence[Path], *, crop: int, maps: bool = False,
-                 calibration=None, resize: int | None = None, masks: bool = False, overlays: str | None = None):
+                 calibration=None, resize: int | None = None, masks: bool = False, overlays: str | None = None,
+                 overwrite: bool = False):
         self.out = os.fspath(out).rstrip("/")  # a folder, or any fsspec URL (memory://, s3://, ...)
         self.decisions = None  # with a calibration: p-values, labels, masks, overlays (padim_ooc.decisions)
         self.paths = list(paths)
@@ -71,6 +78,10 @@ class ScoreWriter:
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.out)
             self.created = not self.fs.exists(self.root)
+            if not self.created:
+                local = isinstance(self.fs, fsspec.implementations.local.LocalFileSystem)
+                claim_outputs(self.root, SCORE_OUTPUTS, overwrite=overwrite, fs=None if local else self.fs,
+                              what="scores")
             self.fs.makedirs(self.root, exist_ok=True)
         except (OSError, ValueError, ImportError) as err:
             raise PadimError(f"cannot create the output folder {self.out}: {getattr(err, 'strerror', None) or err}") from None

@@ -182,8 +182,10 @@ class Model:
         if self._final is None:
             mean, prec = self.store.final_arrays()
             device = self.extractor.device
-            self._final = (torch.from_numpy(read_array(mean)).to(device),
-                           torch.from_numpy(read_array(prec)).to(device))
+            final = (torch.from_numpy(read_array(mean)), torch.from_numpy(read_array(prec)))
+            for name, t in zip(("mean", "precision"), final):
+                check_finite(t, f"{self.store.attrs['final']}/{name}", self.store.path)
+            self._final = tuple(t.to(device) for t in final)
         return self._final
 
     def score_batch(self, batch: torch.Tensor, *, sigma: float = DEFAULT_SIGMA):
@@ -193,7 +195,11 @@ class Model:
         with torch.inference_mode():
             dist = mahalanobis_patches(patches, mean, prec).T.reshape(batch.shape[0], *self.extractor.grid)
             maps = anomaly_maps(dist, self.extractor.preprocess.crop, sigma)
-            return maps.amax(dim=(1, 2)), maps
+            scores = maps.amax(dim=(1, 2))
+            if not bool(torch.isfinite(scores).all()):  # never scored silently
+                raise PadimError(f"the model {self.store.path} gave non-finite scores (overflow in the "
+                                 "Mahalanobis distance): its statistics are unusable; fit it again")
+            return scores, maps
 
     def score(self, images, *, batch_size: int = 32, sigma: float = DEFAULT_SIGMA):
         """Score images.
@@ -226,6 +232,15 @@ class Model:
         return np.concatenate(scores), np.concatenate(maps)
 
 
+def check_finite(values, name: str, model: str) -> None:
+    """One line naming the array ``name`` of the model ``model`` if ``values`` (a tensor or
+    ndarray) hold NaN or inf: damaged statistics are never scored."""
+    bad = int((~torch.isfinite(torch.as_tensor(values))).sum())
+    if bad:
+        raise PadimError(f"the model {model} is damaged: {name} holds {bad} non-finite values (NaN or inf); "
+                         "fit it again")
+
+
 def score_images(model: Model, paths: Sequence[Path], options: ScoreOptions, on_batch) -> list[tuple[int, str]]:
     """Score image files in input order, streaming, in this process.
 
@@ -237,7 +252,7 @@ def score_images(model: Model, paths: Sequence[Path], options: ScoreOptions, on_
     tune_allocator()  # no page faults per batch (see docs/design.md)
     ex = model.extractor
     model._statistics()  # fail early if not finalized
-    dataset = ImageFiles(paths, ex.preprocess)
+    dataset = ImageFiles(paths, ex.preprocess, max_bytes=options.max_image_bytes)
     bad: list[tuple[int, str]] = []
     for indices, _digests, batch, ok, errors in loader(dataset, options.batch_size, workers=options.loader_workers,
                                                        device=ex.device.type):

@@ -129,7 +129,7 @@ def test_a_stray_file_does_not_hide_a_missing_chunk(tmp_path):
         ModelStore.open(path).m2_array()
 
 
-@pytest.mark.parametrize("version", [None, "1", 1.0, True])
+@pytest.mark.parametrize("version", [None, "1", 1.0, True, 0, -1])
 def test_missing_or_invalid_schema_version(tmp_path, version):
     st = ModelStore.create(tmp_path / "m.zarr", CONFIG)
     attrs = dict(st.attrs)
@@ -137,8 +137,8 @@ def test_missing_or_invalid_schema_version(tmp_path, version):
     if version is not None:
         attrs["schema_version"] = version
     st.group.attrs[ATTR_KEY] = attrs
-    with pytest.raises(po.PadimError, match=r"has a missing or invalid schema_version \(.*\): it is damaged, "
-                                            "or not a padim_ooc model"):
+    with pytest.raises(po.PadimError, match=r"is damaged or not a padim_ooc model: attribute 'schema_version' "
+                                            r"is .*, expected an integer >= 1 and <= 1$"):
         ModelStore.open(tmp_path / "m.zarr")
 
 

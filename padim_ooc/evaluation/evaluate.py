@@ -25,12 +25,15 @@ from .layouts import GOOD, Layout, find_layout, load_mask, load_view
 from .metrics import DEFAULT_MAX_EXACT_PIXELS, DEFAULT_N_BINS, PixelMetrics, image_auroc
 from ..progress import bar
 from .report import Example, write_report
-from ..options import DEFAULT_SIGMA, ScoreOptions
+from ..options import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_SIGMA, ScoreOptions
 from ..score import Model, score_images
 
 log = logging.getLogger("padim_ooc")
 
 # (key, heading, explanation, which images, how many)
+REPORT_OUTPUTS = ("report.html", "metrics.json", "scores.csv", "colorbar.png", "*-[0-9][0-9].png")
+"""What :meth:`Evaluation.write` writes (shell patterns): the report, its data, its images."""
+
 SECTIONS = (
     ("top", "Highest scores", "The test images the model finds most anomalous.", "all", "high"),
     ("bottom", "Lowest scores", "The test images the model finds most normal.", "all", "low"),
@@ -86,9 +89,15 @@ class Evaluation:
     pixel_roc: tuple | None
     sections: list = field(default_factory=list)
 
-    def write(self, out_dir: str | os.PathLike) -> Path:
-        """Write metrics.json, scores.csv and report.html (with its PNGs) into ``out_dir``."""
+    def write(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write metrics.json, scores.csv and report.html (with its PNGs) into ``out_dir``.
+
+        Outputs of an earlier run there (:data:`REPORT_OUTPUTS`) are refused unless
+        ``overwrite``; then they are removed first, so that no stale example image
+        stays next to the new report. Other files in ``out_dir`` are left alone.
+        """
         out = Path(out_dir)
+        check_outputs(out, overwrite=overwrite, remove=True)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -106,10 +115,22 @@ class Evaluation:
         return out / "report.html"
 
 
+def check_outputs(out: str | os.PathLike, *, overwrite: bool, remove: bool = False) -> None:
+    """Refuse (unless ``overwrite``) the outputs of an earlier evaluation in ``out``; with
+    ``remove`` and ``overwrite``, remove them (see :func:`padim_ooc.owned.claim_outputs`)."""
+    from ..owned import claim_outputs, existing_outputs
+
+    if remove:
+        claim_outputs(os.fspath(out), REPORT_OUTPUTS, overwrite=overwrite, what="a report")
+    elif not overwrite and existing_outputs(os.fspath(out), REPORT_OUTPUTS):
+        claim_outputs(os.fspath(out), REPORT_OUTPUTS, overwrite=False, what="a report")
+
+
 def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int = 32,
              sigma: float = DEFAULT_SIGMA, loader_workers: int | None = None, examples: int = 4,
              max_exact_pixels: int = DEFAULT_MAX_EXACT_PIXELS, n_bins: int = DEFAULT_N_BINS,
-             on_error: str = "skip", progress: bool = False) -> Evaluation:
+             on_error: str = "skip", progress: bool = False,
+             max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> Evaluation:
     """Score the test split of ``data`` and compute its metrics.
 
     Parameters
@@ -124,6 +145,11 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
     max_exact_pixels, n_bins : int
         Pixel metrics: exact up to this many pixels, then binned
         (see :class:`padim_ooc.metrics.PixelMetrics`).
+    on_error : {'skip', 'fail'}
+        An image or mask that cannot be used is a counted skip (``n_skipped``),
+        or stops the evaluation with its reason.
+    max_image_bytes : int
+        Largest image or mask file read (checked before reading).
 
     Returns
     -------
@@ -134,7 +160,7 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
     """
     t0 = time.perf_counter()
     options = ScoreOptions(batch_size=batch_size, loader_workers=loader_workers, on_error=on_error, sigma=sigma,
-                           maps=True)
+                           maps=True, max_image_bytes=max_image_bytes)
     layout = data if isinstance(data, Layout) else find_layout(data)
     model.store.final_arrays()  # a clear error before any image is read
     attrs = model.attrs
@@ -144,15 +170,33 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
     labels = np.array([it.label for it in test], dtype=np.int64)
     pixels = PixelMetrics(max_exact_pixels=max_exact_pixels, n_bins=n_bins) if layout.has_masks else None
     keepers = {key: _Keeper(examples) for key, *_ in SECTIONS}
+    mask_bad: list[tuple[int, str]] = []
 
     with bar(f"evaluate {layout.name}", len(test), enabled=progress) as advance:
         def on_batch(indices, batch_scores, maps):
-            masks = None
-            if pixels is not None:
-                masks = np.stack([load_mask(test[i].mask, resize, crop) for i in indices])
-                pixels.update(masks, maps)
-            for row, i in enumerate(indices):
+            masks, rows = None, list(range(len(indices)))
+            if pixels is not None:  # a mask that cannot be used: its image is a counted skip (or the error)
+                loaded = []
+                for row, i in enumerate(indices):
+                    try:
+                        loaded.append(load_mask(test[i].mask, resize, crop, options.max_image_bytes))
+                    except PadimError as err:
+                        if on_error == "fail":
+                            raise
+                        mask_bad.append((i, str(err)))
+                        loaded.append(None)
+                rows = [row for row, m in enumerate(loaded) if m is not None]
+                masks = np.zeros((len(indices), crop, crop), bool)
+                for row in rows:
+                    masks[row] = loaded[row]
+                if rows:
+                    pixels.update(masks[rows], maps[rows])
+            for row in rows:
+                i = indices[row]
                 s = float(batch_scores[row])
+                if not np.isfinite(s):  # never scored silently, never dropped from the metrics
+                    raise PadimError(f"the model {model.store.path} gave a non-finite score ({s}) for "
+                                     f"{display_path(test[i].path)}: its statistics are damaged; fit it again")
                 scores[i] = s
                 make = lambda i=i, row=row, s=s: Example(
                     test[i].path, test[i].defect_type, s, maps[row].copy(),
@@ -162,13 +206,15 @@ def evaluate(model: Model, data: str | os.PathLike | Layout, *, batch_size: int 
                         keepers[key].offer(s if order == "high" else -s, make)
             advance(len(indices))
 
-        bad = score_images(model, [it.path for it in test], options, on_batch)
+        bad = score_images(model, [it.path for it in test], options, on_batch) + mask_bad
     t_score = time.perf_counter() - t0
     for i, err in bad:
         log.warning("skipped %s: %s", display_path(test[i].path), err)
 
     t1 = time.perf_counter()
     ok = np.isfinite(scores)
+    if int((~ok).sum()) != len(bad):  # every image without a score is a counted skip, nothing else
+        raise PadimError(f"{int((~ok).sum()) - len(bad)} test images of {layout.root} got no score")
     if not ok[labels == 0].any() or not ok[labels == 1].any():
         raise PadimError(f"no good or no defective test image of {layout.root} could be read")
     auc = image_auroc(labels[ok], scores[ok])

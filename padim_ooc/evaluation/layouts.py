@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from ..data import IMAGE_SUFFIXES
+from ..data import IMAGE_SUFFIXES, open_loaded, decode_checked, display_path, read_bytes
+from ..options import DEFAULT_MAX_IMAGE_BYTES
 from ..errors import PadimError
 
 GOOD = "good"
@@ -181,7 +181,7 @@ def find_classes(root: str | os.PathLike) -> list[Path]:
     return classes
 
 
-def load_mask(path: Path | None, resize: int, crop: int) -> np.ndarray:
+def load_mask(path: Path | None, resize: int, crop: int, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
     """A ground-truth mask resized and cropped like its image.
 
     Parameters
@@ -190,18 +190,26 @@ def load_mask(path: Path | None, resize: int, crop: int) -> np.ndarray:
         Mask file (nonzero pixels are defect); None gives an all-normal mask.
     resize, crop : int
         The model's square resize and centre crop.
+    max_bytes : int
+        Largest mask file read (checked before reading); like an image, a mask
+        is a regular file decoded under PIL's pixel limit.
 
     Returns
     -------
     ndarray of shape (crop, crop), bool
+
+    Raises
+    ------
+    PadimError
+        ``cannot read the mask PATH: reason`` for a mask that cannot be used.
     """
     if path is None:
         return np.zeros((crop, crop), dtype=bool)
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("L"))
-    except (OSError, ValueError, SyntaxError) as err:
-        raise PadimError(f"cannot read the mask {path}: {err}") from None
+    data, reason = read_bytes(Path(path), max_bytes)  # a regular file, bounded, before it is read
+    if reason is None:
+        arr, reason = decode_checked(data, lambda b: np.asarray(open_loaded(b).convert("L")))
+    if reason is not None:
+        raise PadimError(f"cannot read the mask {display_path(path)}: {reason}")
     t = torch.from_numpy(np.ascontiguousarray(arr > 0)).to(torch.uint8).unsqueeze(0)
     t = TF.resize(t, [resize, resize], interpolation=InterpolationMode.NEAREST_EXACT, antialias=False)
     t = TF.center_crop(t, [crop, crop])
@@ -217,7 +225,11 @@ def load_view(path: Path, resize: int, crop: int) -> np.ndarray:
     """
     from ..data import decode_rgb
 
-    t = TF.pil_to_tensor(decode_rgb(Path(path).read_bytes()))
+    data, reason = read_bytes(Path(path))
+    image, reason = (None, reason) if reason else decode_checked(data, decode_rgb)
+    if reason:
+        raise PadimError(f"bad image {display_path(path)}: {reason}")
+    t = TF.pil_to_tensor(image)
     t = TF.resize(t, [resize, resize], antialias=True)
     t = TF.center_crop(t, [crop, crop])
     return t.permute(1, 2, 0).numpy()

@@ -222,6 +222,12 @@ code { background: #f2f2f2; padding: 0 3px; }
 """
 
 
+def _e(value) -> str:
+    """Any value as HTML text: everything from a file name, a folder name or a model attribute
+    goes through here (quotes too, for attribute values)."""
+    return html.escape(str(value), quote=True)
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return '<span class="na">n/a</span>'
@@ -263,11 +269,11 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, scores: np.ndarra
     threshold = (metrics.get("threshold") or {}).get("value")
     model = metrics.get("model", {})
     title = f"Anomaly detection report: {metrics.get('class', '')}"
-    body = [f"<h1>{html.escape(title)}</h1>",
-            f'<p class="sub">{metrics["n_images"]} test images from <code>{html.escape(str(metrics.get("data", "")))}'
-            f'</code> scored with a PaDiM model ({html.escape(str(model.get("backbone", "?")))}, '
-            f'{model.get("dims", "?")} channels, fitted on {model.get("n_train_images", "?")} normal images, '
-            f'input {model.get("crop", "?")}x{model.get("crop", "?")} px).</p>']
+    body = [f"<h1>{_e(title)}</h1>",
+            f'<p class="sub">{_e(metrics["n_images"])} test images from <code>{_e(metrics.get("data", ""))}'
+            f'</code> scored with a PaDiM model ({_e(model.get("backbone", "?"))}, '
+            f'{_e(model.get("dims", "?"))} channels, fitted on {_e(model.get("n_train_images", "?"))} normal '
+            f'images, input {_e(model.get("crop", "?"))}x{_e(model.get("crop", "?"))} px).</p>']
     body.append('<p class="note">Every image gets an <b>anomaly map</b> (how unusual each spot looks '
                 'compared with the normal training images) and an <b>image score</b> (the highest value '
                 'of its map). Higher means more likely defective. The numbers below say how well these '
@@ -298,7 +304,7 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, scores: np.ndarra
     rows = ["<tr><th>defect type</th><th>images</th><th>median score</th><th>score range</th>"
             "<th>AUROC vs good</th><th>flagged at threshold</th></tr>"]
     for r in metrics.get("per_type", []):
-        rows.append(f"<tr><td>{html.escape(r['defect_type'])}</td><td>{r['images']}</td>"
+        rows.append(f"<tr><td>{_e(r['defect_type'])}</td><td>{_e(r['images'])}</td>"
                     f"<td>{r['score_median']:.4g}</td><td>{r['score_min']:.4g} &ndash; {r['score_max']:.4g}</td>"
                     f"<td>{_fmt(r.get('image_auroc'))}</td><td>{100 * r['flagged']:.1f} %</td></tr>")
     body.append("<table>" + "".join(rows) + "</table>")
@@ -354,7 +360,7 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, scores: np.ndarra
     pm = metrics.get("pixel_metrics") or {}
     body.append("<h2>Details</h2><p class='sub'>")
     fitted = f"Fitted in {t['fit_s']:.1f} s. " if t.get("fit_s") is not None else ""
-    body.append(fitted + f"Scored {metrics['n_images']} images in {t.get('score_s', 0):.1f} s "
+    body.append(fitted + f"Scored {_e(metrics['n_images'])} images in {t.get('score_s', 0):.1f} s "
                 f"({t.get('images_per_s', 0):.1f} images/s). "
                 + (f"Pixel metrics: {html.escape(str(pm.get('detail') or pm.get('method')))}; "
                    f"{pm.get('n_regions', 0)} defect regions. " if pm else "")

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from ..errors import PadimError
-from ..options import Cluster
+from ..options import DEFAULT_DASHBOARD, Cluster
 
 TORCH_THREADS_PER_WORKER = 1
 # seconds to wait for a scheduler to answer, and for it to have a worker (environment overrides)
@@ -102,12 +102,12 @@ def quiet_dask_logs(level: int = logging.WARNING, names: tuple[str, ...] = QUIET
             lg.setLevel(lvl)
 
 
-def _connect(scheduler: str, connect_timeout: float, worker_timeout: float):
+def _connect(scheduler: str, connect_timeout: float, worker_timeout: float, security=None):
     """A client of the scheduler at ``scheduler`` that has at least one worker."""
     from distributed import Client
 
     try:
-        client = Client(scheduler, timeout=connect_timeout)
+        client = Client(scheduler, timeout=connect_timeout, security=security)
     except (OSError, TimeoutError) as err:
         raise PadimError(f"cannot reach the Dask scheduler at {scheduler} within {connect_timeout:g} s: {err} "
                          f"(is it running? set {CONNECT_TIMEOUT_ENV} to wait longer)") from None
@@ -126,8 +126,9 @@ def _connect(scheduler: str, connect_timeout: float, worker_timeout: float):
 
 @contextmanager
 def open_client(workers: int | None = None, scheduler: str | None = None, *,
-                dashboard: str = ":0", echo: Callable[[str], None] | None = None,
-                timeout: float | None = None, worker_timeout: float | None = None) -> Iterator[object | None]:
+                dashboard: str = DEFAULT_DASHBOARD, echo: Callable[[str], None] | None = None,
+                timeout: float | None = None, worker_timeout: float | None = None,
+                security=None) -> Iterator[object | None]:
     """A ``distributed.Client`` for the duration of the block, or ``None``.
 
     Parameters
@@ -140,7 +141,9 @@ def open_client(workers: int | None = None, scheduler: str | None = None, *,
         Address of a running scheduler (``tcp://HOST:8786``): connect to it
         (the cluster is left running at the end).
     dashboard : str
-        Dashboard address of a local cluster (``":0"``: a free port).
+        Dashboard address of a local cluster (default ``127.0.0.1:0``: this
+        machine only, a free port; ``":0"`` listens on every interface). The
+        local cluster's scheduler and workers listen on 127.0.0.1 too.
     echo : callable, optional
         Called with one line saying where the dashboard is when a local
         cluster starts (default: print it on stderr).
@@ -150,6 +153,9 @@ def open_client(workers: int | None = None, scheduler: str | None = None, *,
     worker_timeout : float, optional
         Seconds to wait for the scheduler to have a worker (default:
         ``PADIM_OOC_WORKER_TIMEOUT`` or 60); then a :class:`PadimError`.
+    security : distributed.Security, optional
+        For a ``tls://`` scheduler (see :meth:`padim_ooc.options.Cluster.security`);
+        None there: Dask's configuration.
     """
     Cluster(workers, scheduler)  # the rules of the arguments live in the options record
     if not scheduler and (workers is None or workers <= 1):
@@ -164,12 +170,12 @@ def open_client(workers: int | None = None, scheduler: str | None = None, *,
     with quiet_dask_logs():
         try:
             if scheduler:
-                client = _connect(scheduler, connect_timeout, worker_timeout)
+                client = _connect(scheduler, connect_timeout, worker_timeout, security)
             else:
                 # the workers' own logs: what fails in our tasks comes back to the client as a value
                 # (one line); what Dask says while processes are torn down is noise for a user
                 worker_logs = logging.WARNING if os.environ.get("PADIM_OOC_DEBUG") else logging.CRITICAL
-                cluster = LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,
+                cluster = LocalCluster(n_workers=workers, processes=True, threads_per_worker=1, host="127.0.0.1",
                                        dashboard_address=dashboard, silence_logs=worker_logs)
                 client = Client(cluster)
                 echo(f"dask: local cluster of {workers} worker processes, dashboard at "

@@ -18,6 +18,9 @@ another worker, which resumes the partial store from its last checkpoint.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
 import sys
 import threading
 import uuid
@@ -32,6 +35,7 @@ from ..fit import FitSummary, FitTarget, fold_images, memory_plan, shard_options
 from ..memory import default_budget
 from ..merge import merge_stores
 from ..options import FitOptions
+from ..owned import MARKER, mark, marked
 from ..progress import bar
 from ..store import ModelStore, check_shareable, shared_path, store_exists
 from .tasks import TaskFailure, remove_tree, results, shard_ranges, wait_stopped, worker_count
@@ -59,6 +63,8 @@ def fit_sharded(target: FitTarget, paths: Sequence[Path], client, options: FitOp
         each partial store is as large as the model's accumulator on disk.
     parts : path or URL, optional
         Where the partial stores go (default: ``<model>.parts``); removed at the end.
+        Must not exist, or be what an earlier sharded fit left (our marker and
+        ``part-NNNNN.zarr`` folders only): anything else is left alone, an error.
 
     Returns
     -------
@@ -74,7 +80,8 @@ def fit_sharded(target: FitTarget, paths: Sequence[Path], client, options: FitOp
     plans = _PlanEcho(options.progress)
     task_options = shard_options(options)  # no client in what goes to the workers
     token = uuid.uuid4().hex[:8]
-    remove_tree(parts)  # partial stores of an interrupted run: their shards may differ
+    remove_parts(parts)  # partial stores of an interrupted run: their shards may differ
+    mark_parts(parts)
     futures: dict = {}
     failed = True
 
@@ -124,8 +131,64 @@ def fit_sharded(target: FitTarget, paths: Sequence[Path], client, options: FitOp
         client.unsubscribe_topic(PLAN_TOPIC)
         if failed:  # a cancelled shard still running would write its store after the removal
             wait_stopped(client, list(futures), f"padim-ooc-fit-{token}-")
-        remove_tree(parts)
+        try:
+            remove_parts(parts)
+        except (PadimError, OSError):
+            if not failed:
+                raise  # after a failure, the run's own error is the one to report
     return summary
+
+
+PARTS_MARK = "padim-ooc sharded fit"
+_PART = re.compile(r"part-[0-9]{5}\.zarr")
+
+
+def _fs(parts: str):
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(parts)
+    local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+    return (None, parts) if local else (fs, inner)
+
+
+def mark_parts(parts: str) -> None:
+    """Create the folder of the partial stores with our marker in it."""
+    fs, inner = _fs(parts)
+    mark(inner, PARTS_MARK, fs=fs)
+
+
+def remove_parts(parts: str) -> None:
+    """Remove the folder of a sharded fit's partial stores, only if it is ours: it holds our
+    marker and nothing but ``part-NNNNN.zarr`` folders (a link counts as something else).
+
+    Raises
+    ------
+    PadimError
+        If ``parts`` holds anything else (a user's folder given as ``parts``, or one named
+        ``<model>.parts`` by chance): it is left alone, one line says so.
+    """
+    fs, inner = _fs(parts)
+    exists = os.path.lexists(inner) if fs is None else fs.exists(inner)
+    if not exists:
+        return
+    if fs is None and (os.path.islink(inner) or not os.path.isdir(inner)):
+        foreign = ["(not a folder)"]
+    else:
+        names = os.listdir(inner) if fs is None else [p.rstrip("/").rsplit("/", 1)[-1]
+                                                      for p in fs.ls(inner, detail=False)]
+        foreign = [n for n in names if n != MARKER and not (
+            _PART.fullmatch(n) and (fs is not None or (os.path.isdir(os.path.join(inner, n))
+                                                       and not os.path.islink(os.path.join(inner, n)))))]
+        if not foreign and not marked(inner, PARTS_MARK, fs=fs):
+            foreign = [f"(no {MARKER} marker)"]
+    if foreign:
+        raise PadimError(f"{parts} is not a folder of partial stores made by a sharded fit "
+                         f"(it holds {', '.join(sorted(foreign)[:3])}); it is left alone: remove it yourself "
+                         "or give another parts path")
+    if fs is None:
+        shutil.rmtree(inner)
+    else:
+        fs.rm(inner, recursive=True)
 
 
 def _claims(done: dict[int, tuple[FitSummary, list[bytes]]]) -> dict[int, frozenset]:

@@ -76,7 +76,7 @@ def benchmark_mvtec(root: str | os.PathLike, out: str | os.PathLike, extractor: 
                     batch_size=batch_size, loader_workers=loader_workers, progress=progress)
         t_fit = time.perf_counter() - t0
         ev = evaluate(model, layout, batch_size=batch_size, loader_workers=loader_workers, progress=progress)
-        ev.write(out / folder.name)
+        ev.write(out / folder.name, overwrite=True)  # the benchmark's own folder: its report is replaced
         m = ev.metrics
         row = {"class": folder.name, **{k: m[k] for k in METRICS}, "n_train": model.n_images,
                "n_test": m["n_images"], "fit_s": round(t_fit, 2), "evaluate_s": m["timings"]["total_s"]}

@@ -18,7 +18,6 @@ false-alarm rate and recall of that threshold on the test split.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -27,7 +26,13 @@ from ..errors import PadimError
 from ..evaluation.evaluate import Evaluation, evaluate
 from ..extractor import Extractor
 from ..presets import preset
-from ..store import store_exists
+from ..owned import mark, marked
+from ..store import lock
+from ..store.chunks import empty_folder
+
+DEMO_MARK = "padim-ooc demo"
+"""Who made ``out`` (the marker :func:`padim_ooc.owned.mark` writes there): only then does a
+later demo delete its ``model.zarr`` and replace its ``report/``."""
 
 DEMO_SUBSET = {"n_train": 200, "n_test_good": 60, "n_test_defect": 60}
 """Images of the default (quick) demo; ``--full`` uses every image of the split."""
@@ -54,7 +59,9 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
     ----------
     out_dir : path
         Holds ``elpv-<cell_type>/`` (the images as PNG folders),
-        ``model.zarr`` (refitted on every run) and ``report/``.
+        ``model.zarr`` (refitted on every run) and ``report/``, and the demo's
+        marker: a ``model.zarr`` or ``report/`` that an earlier demo did not
+        make there is never deleted or overwritten (an error instead).
     full : bool
         Whole split instead of ``DEMO_SUBSET``.
     subset : dict, optional
@@ -84,15 +91,21 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
                           resize=resize, crop=crop or resize, device=device, seed=seed)
     out = Path(out_dir)
     model_path = out / "model.zarr"
-    if model_path.exists() and not store_exists(model_path):
-        raise PadimError(f"{model_path} exists and is not a padim_ooc model; choose another --out")
+    ours = marked(str(out), DEMO_MARK)
+    if (model_path.exists() or model_path.is_symlink()) and not ours:
+        raise PadimError(f"{model_path} exists and was not made by `padim-ooc demo`; it is left alone: "
+                         "choose another --out")
     sizes = {} if full else dict(subset or DEMO_SUBSET)
     try:
         split = prepare_elpv(out / f"elpv-{cell_type}", cell_type=cell_type, seed=seed, **sizes)
     except ValueError as err:
         raise PadimError(str(err)) from None
-    if model_path.exists():
-        shutil.rmtree(model_path)  # refit: the split may differ from the last run
+    if model_path.is_symlink() or (model_path.exists() and not model_path.is_dir()):
+        raise PadimError(f"{model_path} is not a folder the demo made; it is left alone: choose another --out")
+    if model_path.exists():  # ours (the marker): refit, the split may differ from the last run
+        with lock.store_lock(str(model_path), "padim-ooc demo"):  # not while another process writes it
+            empty_folder(os.path.abspath(model_path), keep={lock.LOCK_NAME})
+    mark(str(out), DEMO_MARK)  # before the fit: an interrupted demo's model is ours too
     t1 = time.perf_counter()
     model = fit([split["train_good"]], model_path, extractor=extractor, batch_size=batch_size,
                 loader_workers=loader_workers, progress=progress, holdout=holdout, fpr=alpha)
@@ -100,7 +113,7 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
     ev = evaluate(model, split["root"], batch_size=batch_size, loader_workers=loader_workers, progress=progress)
     ev.metrics["class"] = f"ELPV {cell_type} solar cells"
     ev.metrics["timings"] = {"fit_s": round(t_fit, 3), **ev.metrics["timings"]}
-    report = ev.write(out / "report")
+    report = ev.write(out / "report", overwrite=ours)  # an earlier demo's report: replaced whole
     info = {"split": {k: split[k] for k in ("n_train", "n_test_good", "n_test_defect")},
             "cell_type": cell_type, "full": full, "fit_s": round(t_fit, 2), "n_fitted": model.n_images,
             "n_held_out": (model.store.calibration().n if model.store.calibration() is not None else 0),

@@ -270,15 +270,16 @@ def remove_leftovers(root: str, live: set, ledger_keep: set) -> None:
         full = os.path.join(root, key)
         if key.endswith(".partial") and os.path.isfile(full):
             os.unlink(full)
-        elif key.startswith(("state-", "final-")) and key not in live and os.path.isdir(full):
+        elif key.startswith(("state-", "final-")) and key not in live and os.path.isdir(full) \
+                and not os.path.islink(full):
             shutil.rmtree(full, ignore_errors=True)
     ledger_dir = os.path.join(root, "ledger")
-    if os.path.isdir(ledger_dir):
+    if os.path.isdir(ledger_dir) and not os.path.islink(ledger_dir):  # never through a link
         for key in os.listdir(ledger_dir):
             full = os.path.join(ledger_dir, key)
             if key.endswith(".partial") and os.path.isfile(full):
                 os.unlink(full)
-            elif key != "zarr.json" and key not in ledger_keep and os.path.isdir(full):
+            elif key != "zarr.json" and key not in ledger_keep and os.path.isdir(full) and not os.path.islink(full):
                 shutil.rmtree(full, ignore_errors=True)
 
 

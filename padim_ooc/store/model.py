@@ -35,6 +35,7 @@ from . import lock
 from .chunks import (ATTR_KEY, COMPLETE_KEY, empty_folder, fsync, live_names, open_checked, pause_point, read_array,
                      remove_leftovers, sync_tree, wait_for_zarr_writes, write_array)
 from .paths import is_url as _is_url, shared_path
+from .schema import check_array, check_attrs, check_no_links
 from ..config import ModelConfig
 from ..errors import PadimError
 from ..welford import Moments
@@ -176,6 +177,8 @@ class ModelStore:
         path = shared_path(path)  # absolute: arrays pickled to workers must not depend on their cwd
         if not _is_url(path) and not os.path.exists(path):
             raise PadimError(f"model not found: {path}")
+        if not _is_url(path):
+            check_no_links(path)  # before anything is read or written through a link
         locked = writable and lock.acquire(path, lock.default_command())
         try:
             try:
@@ -192,17 +195,8 @@ class ModelStore:
         return store._hold_lock() if locked else store
 
     def _read_attrs(self) -> dict[str, Any]:
-        attrs = self.group.attrs.asdict().get(ATTR_KEY)
-        if not isinstance(attrs, dict):
-            raise PadimError(f"{self.path} is a Zarr group but not a padim_ooc model (no '{ATTR_KEY}' attributes)")
-        version = attrs.get("schema_version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise PadimError(f"the model {self.path} has a missing or invalid schema_version "
-                             f"({version!r}): it is damaged, or not a padim_ooc model")
-        if version > SCHEMA_VERSION:
-            raise PadimError(f"model schema version {version} is newer than this padim_ooc "
-                             f"{__version__} supports (up to {SCHEMA_VERSION}); upgrade padim_ooc")
-        return attrs
+        """The root attributes, checked whole (:func:`padim_ooc.store.schema.check_attrs`)."""
+        return check_attrs(self.group.attrs.asdict().get(ATTR_KEY), self.path, SCHEMA_VERSION)
 
     def _write_attrs(self, **changes: Any) -> None:
         if not self.writable:
@@ -239,6 +233,7 @@ class ModelStore:
         except Exception as err:  # damaged metadata (cut short, not JSON, not an array)
             raise PadimError(f"the model {self.path} is damaged: cannot read {group}/{name} "
                              f"({type(err).__name__}: {err})") from None
+        check_array(arr, self.attrs, group, name, self.path)
         return arr
 
     def mean_array(self) -> zarr.Array:
@@ -530,12 +525,21 @@ class ModelStore:
         empty_folder(self.path, keep={lock.LOCK_NAME})
 
     def _remove(self, names: Iterable[str | None]) -> None:
-        try:
-            for name in names:
-                if name and name in self.group:
+        """Delete the groups ``names`` that are no longer live, best effort: a damaged
+        ``zarr.json`` of an old state must not turn a successful switch into an error.
+        Local stores: the folder by name (never through a link), without parsing it."""
+        for name in names:
+            if not name:
+                continue
+            try:
+                if not _is_url(self.path):
+                    full = os.path.join(self.path, name)
+                    if os.path.isdir(full) and not os.path.islink(full):
+                        shutil.rmtree(full, ignore_errors=True)
+                elif name in self.group:
                     del self.group[name]
-        except OSError:  # not needed any more; removed when the store is next opened for writing
-            pass
+            except Exception:  # not needed any more; removed when the store is next opened for writing
+                pass
 
     def collect_garbage(self) -> None:
         """Remove what an interrupted write left: groups and ledger segments the
