@@ -7,6 +7,7 @@ and hands it to the same pipeline the command line runs
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,8 @@ from .outputs import ArraySink
 from .progress import bar
 from .score import Model, score_images
 from .store import ModelStore, lock
+
+log = logging.getLogger("padim_ooc")
 
 
 def open_model(path: str | os.PathLike, *, device: str = "auto", weights: str | None = None,
@@ -140,7 +143,26 @@ def finalize_model(path: str | os.PathLike, *, eps: float | None = None, shrinka
     cluster = cluster or Cluster(workers, scheduler, client)
     with ModelStore.open(path, writable=True) as store, cluster.open(store.path) as cl:
         _finalize(store, eps=eps_for(store.attrs, eps), shrinkage=shrinkage_for(store.attrs, shrinkage), client=cl)
+        recalibrate(store, cl)
     return open_model(path)
+
+
+def recalibrate(store: ModelStore, client=None) -> dict | None:
+    """After a finalize or a merge changed the statistics a calibration was made against: when the
+    model is calibrated on its own hold-out (``fit --holdout``), calibrate it again on those images
+    (:func:`padim_ooc.calibrate.calibrate_holdout`: files gone or changed are left out, and with none
+    left the calibration stays stale and a warning says so). A calibration made otherwise stays
+    stale (``info`` and ``score`` say so). Returns what was done, or None."""
+    record, cal = store.attrs.get("holdout"), store.calibration()
+    if not (record and record.get("in_use", True) and cal is not None and cal.stale and store.attrs["finalized"]):
+        return None
+    from .calibrate import calibrate_holdout
+
+    try:
+        return calibrate_holdout(store, None, ScoreOptions(cluster=Cluster(client=client)))
+    except PadimError as err:  # e.g. a model fitted with a weights file that is not given here
+        log.warning("the calibration of %s stays stale: %s", store.path, err)
+        return {"status": "stale"}
 
 
 def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, finalize: bool = True,
@@ -170,6 +192,7 @@ def merge(parts: Sequence[str | os.PathLike], model: str | os.PathLike, *, final
             if finalize:
                 _finalize(store, eps=eps_for(store.attrs, eps), shrinkage=shrinkage_for(store.attrs, shrinkage),
                           client=cl)
+                recalibrate(store, cl)
             return result | {"finalized": bool(store.attrs["finalized"])}
 
 

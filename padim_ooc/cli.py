@@ -230,8 +230,10 @@ def finalize(
 
     m = finalize_model(model, eps=eps, shrinkage=shrinkage,
                        cluster=_cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key))
+    cal = m.store.calibration()
     typer.echo(json.dumps({"model": model, "finalized": True, "eps": m.attrs["eps"],
-                           "shrinkage": m.attrs.get("shrinkage") or "none", "n_images": m.n_images}))
+                           "shrinkage": m.attrs.get("shrinkage") or "none", "n_images": m.n_images}
+                          | ({} if cal is None else {"calibration_stale": cal.stale})))
 
 
 @command

@@ -11,7 +11,9 @@ import csv
 import hashlib
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,12 +238,17 @@ def test_calibrate_on_files_counts_skips_and_leaves_out_fitted_images(tmp_path, 
 
 
 def test_changed_statistics_make_the_calibration_stale_or_recalibrate(tmp_path, calibrated, image_dir, capsys):
-    """finalize with another eps, a merge or a fit without a hold-out record marks the calibration
-    stale (info and score say so); a fit with the hold-out record calibrates again on it."""
+    """finalize with another eps or a fit on a model calibrated on its hold-out calibrates it again on
+    those images; a calibration made on files is marked stale instead (info and score say so)."""
     model = tmp_path / "m.zarr"
     shutil.copytree(calibrated, model)
-    cli_json(capsys, "finalize", model, "--eps", "0.05")
-    assert ModelStore.open(model).calibration().stale
+    before = ModelStore.open(model).calibration()
+    assert cli_json(capsys, "finalize", model, "--eps", "0.05")["calibration_stale"] is False
+    after = ModelStore.open(model).calibration()
+    held = [Path(p) for p, _ in ModelStore.open(model).attrs["holdout"]["images"]]
+    scores, _ = po.open_model(model, device="cpu").score(held)  # the held-out images, scored by the new precision
+    np.testing.assert_allclose(sorted(after.scores), np.sort(scores), rtol=1e-6)
+    assert after.n == before.n == len(held) and after.threshold != before.threshold
     result = cli_json(capsys, "calibrate", model, *RUN)  # again on the stored hold-out, same alpha
     assert result["status"] == "calibrated" and result["alpha"] == 0.2 and not result["stale"]
 
@@ -261,6 +268,16 @@ def test_changed_statistics_make_the_calibration_stale_or_recalibrate(tmp_path, 
     assert json.loads(capsys.readouterr().out)["calibration"]["status"].startswith("stale")
     code_out = cli_json(capsys, "score", model, image_dir / "b", "--out", tmp_path / "o", *RUN)
     assert code_out["calibration_stale"] is True
+
+
+def test_a_finalize_whose_held_out_files_are_gone_leaves_the_calibration_stale(tmp_path, capsys):
+    write_images(tmp_path / "imgs", 24, seed=13)
+    model = tmp_path / "m.zarr"
+    cli_json(capsys, "fit", tmp_path / "imgs", "--model", model, "--holdout", 0.5, "--fpr", 0.2, *FIT)
+    for path, _ in ModelStore.open(model).attrs["holdout"]["images"]:
+        os.unlink(path)
+    assert cli_json(capsys, "finalize", model, "--eps", "0.05")["calibration_stale"] is True
+    assert ModelStore.open(model).calibration().stale
 
 
 def test_labelled_calibration_on_a_class_folder(tmp_path, extractor, capsys):

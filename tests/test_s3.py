@@ -133,9 +133,18 @@ def test_local_files_are_recognised_by_path_size_and_mtime(tmp_path, extractor, 
     paths = write_images(tmp_path / "imgs", 6, seed=3)
     model = tmp_path / "m.zarr"
     fit_summary([tmp_path / "imgs"], model, extractor, batch_size=3, loader_workers=0)
+    import importlib
+
+    data = importlib.import_module("padim_ooc.data")
     opened = []
-    real = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes", lambda self: (self.suffix == ".png" and opened.append(self.name)) or real(self))
+    real = data.read_bytes  # every local image file is read through it
+
+    def read_bytes(path, *args, **kwargs):
+        if Path(path).suffix == ".png":
+            opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "read_bytes", read_bytes)
     again = fit_summary([tmp_path / "imgs"], model, extractor, batch_size=3, loader_workers=0)
     assert (again.added, again.already_seen, opened) == (0, 6, [])
     os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: read again, same content

@@ -181,12 +181,18 @@ def check_attrs(attrs: Any, path: str, supported: int) -> dict:
     return attrs
 
 
-def expected_array(attrs: dict, group: str, name: str) -> tuple[tuple[int, ...] | None, str]:
+# records of a segment array: a ledger segment holds 16-byte digests; a segment of the cache of
+# identities (padim_ooc.sources) 32-byte records (identity, digest)
+SEGMENT_WIDTH = {"ledger": 16, "seen": 32}
+
+
+def expected_array(attrs: dict, group: str, name: str) -> tuple[tuple[int, ...] | int, str]:
     """(shape, dtype) that the array ``group/name`` of a store with ``attrs`` must have;
-    a shape of None: ``(k, 16)`` with any k >= 1 (a ledger segment)."""
+    for a segment (``ledger/``, ``seen/``) the shape is its record width: ``(k, width)``
+    with any k >= 1."""
     p, d = attrs["grid"][0] * attrs["grid"][1], attrs["dims"]
-    if group == "ledger":
-        return None, "uint8"
+    if group in SEGMENT_WIDTH:
+        return SEGMENT_WIDTH[group], "uint8"
     dtype = "float32" if group.startswith("final-") else "float64"
     shape = (p, d) if name == "mean" else (p, d, d)
     return shape, dtype
@@ -196,9 +202,9 @@ def check_array(arr, attrs: dict, group: str, name: str, path: str) -> None:
     """One line naming ``group/name`` if its shape or dtype is not what ``attrs`` say."""
     shape, dtype = expected_array(attrs, group, name)
     got = tuple(arr.shape)
-    if shape is None:
-        ok_shape = len(got) == 2 and got[0] >= 1 and got[1] == 16
-        want = "(k, 16) with k >= 1"
+    if isinstance(shape, int):
+        ok_shape = len(got) == 2 and got[0] >= 1 and got[1] == shape
+        want = f"(k, {shape}) with k >= 1"
     else:
         ok_shape = got == shape
         want = str(shape)
@@ -220,4 +226,4 @@ def check_no_links(root: str) -> None:
                                  "refused, never followed; copy the model without links (e.g. cp -rL)")
 
 
-__all__ = ["check_attrs", "check_array", "check_no_links", "expected_array", "MAX_ELEMENTS"]
+__all__ = ["check_attrs", "check_array", "check_no_links", "expected_array", "MAX_ELEMENTS", "SEGMENT_WIDTH"]
