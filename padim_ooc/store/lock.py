@@ -308,11 +308,17 @@ def acquire(store: str | os.PathLike, command: str = "write", *, wait: float = 1
                                 store, describe(other))
                 continue
             if time.monotonic() >= deadline:
-                where = other and elsewhere(other)
-                unchecked = f", which {where} and cannot be checked from here" if where else ""
-                raise PadimError(f"the model {store} is being written by {describe(other)}{unchecked}; "
-                                 f"wait for it to finish (if that process is gone, delete {path})")
+                raise refused(store, other, path)
             time.sleep(0.1)
+
+
+def refused(store: str, other: dict | None, lock_file: str) -> PadimError:
+    """The one-line error for a writer refused by a live holder ``other`` of ``lock_file``
+    (a lock file here, or a lock object at a URL: :mod:`.url_lock`)."""
+    where = other and elsewhere(other)
+    unchecked = f", which {where} and cannot be checked from here" if where else ""
+    return PadimError(f"the model {store} is being written by {describe(other)}{unchecked}; "
+                      f"wait for it to finish (if that process is gone, delete {lock_file})")
 
 
 def release(store: str | os.PathLike) -> None:

@@ -101,7 +101,7 @@ def acquire(store: str, command: str, *, wait: float = 1.0) -> bool:
         If a live writer holds it (naming it), the protocol has no atomic conditional
         create, or the lock object cannot be written (no bucket, access denied).
     """
-    from .lock import _holder_info, describe, elsewhere, is_stale
+    from .lock import _holder_info, describe, is_stale, refused
 
     url = lock_url(store)
     with _guard:
@@ -143,10 +143,7 @@ def acquire(store: str, command: str, *, wait: float = 1.0) -> bool:
                                 store, describe(other))
                 continue
             if time.monotonic() >= deadline:
-                where = other and elsewhere(other)
-                unchecked = f", which {where} and cannot be checked from here" if where else ""
-                raise PadimError(f"the model {store} is being written by {describe(other)}{unchecked}; "
-                                 f"wait for it to finish (if that process is gone, delete {url})")
+                raise refused(store, other, url)
             time.sleep(0.1)
 
 
