@@ -9,7 +9,7 @@ independent, so the statistics are the same as in one pass).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 from dataclasses import dataclass
 
 from .errors import PadimError
@@ -27,6 +27,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 256 << 20
 
 
+@functools.cache
 def tune_allocator() -> bool:
     """Fix glibc's allocator thresholds for a long run of equal batches (glibc only; else a no-op).
 
@@ -39,10 +40,16 @@ def tune_allocator() -> bool:
     (peak memory creeps up with the number of images). The measurements behind the
     choice: docs/design.md ("Allocator thresholds") and docs/benchmarks.md.
     Returns whether the setting was applied.
+
+    Done once a process: ``mallopt`` is looked up among the libraries this
+    process already runs on (``dlopen(NULL)``), never through
+    ``ctypes.util.find_library``, which starts ``ldconfig -p`` in a subprocess:
+    a fork at every fit and score, in a process whose native thread pools
+    (torch, onnxruntime, OpenVINO) are running, crashed the test process with a
+    segmentation fault (exit 139; see docs/reliability.md).
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, MMAP_THRESHOLD))

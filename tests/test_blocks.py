@@ -102,3 +102,19 @@ def test_cli_max_memory(tmp_path, image_dir, extractor):
     assert rel(po.open_model(tmp_path / "m.zarr").covariance(), one.covariance()) <= 1e-12
     bad = CliRunner().invoke(app, [*args[:-1], "lots"])
     assert bad.exit_code == 2 and "error: --max-memory expects a size like 4GB" in bad.stderr
+
+
+def test_allocator_tuning_starts_no_subprocess(monkeypatch):
+    """tune_allocator runs at every fit and score: a subprocess there (``ctypes.util.find_library``
+    starts ``ldconfig -p``) forked a process full of native thread pools and crashed the test run."""
+    import platform
+    import subprocess
+
+    from padim_ooc.memory import tune_allocator
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"tune_allocator started a subprocess: {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    applied = tune_allocator.__wrapped__()  # the uncached body
+    assert applied == (platform.libc_ver()[0] == "glibc")
