@@ -43,6 +43,14 @@ def _setup_logging() -> None:
         root.setLevel(logging.WARNING)
 
 
+def _out_of_gpu_memory(err: BaseException) -> bool:
+    """Whether ``err`` is torch's out-of-memory error of an accelerator (torch is not
+    imported here for it: an error of torch's means torch is loaded already)."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return oom is not None and isinstance(err, oom)
+
+
 def command(func, target: Optional[typer.Typer] = None):
     """Register a command (on ``target``, default the main app) that turns library
     errors into one line on stderr."""
@@ -64,6 +72,9 @@ def command(func, target: Optional[typer.Typer] = None):
         except Exception as err:  # a bug, not a user error: still one line unless debugging
             if os.environ.get("PADIM_OOC_DEBUG"):
                 raise
+            if _out_of_gpu_memory(err):
+                _fail(f"the GPU ran out of memory ({str(err).splitlines()[0] if str(err) else 'no detail'}): "
+                      "lower --batch-size (a fit: also --max-memory), or run on --device cpu")
             first = str(err).splitlines()[0] if str(err) else ""
             _fail(f"internal error: {type(err).__name__}: {first} (set PADIM_OOC_DEBUG=1 for the traceback)", 3)
     return (target or app).command()(wrapper)

@@ -16,7 +16,7 @@ from PIL import Image
 from .data import ImageFiles, display_path, loader, read_image
 from .sources import as_item
 from .errors import PadimError
-from .extractor import Extractor
+from .extractor import Extractor, float32_precision
 from .memory import tune_allocator
 from .options import DEFAULT_SIGMA, ScoreOptions
 from .store import ModelStore, read_array
@@ -87,9 +87,12 @@ def map_operator(n: int, size: int, sigma: float, dtype: torch.dtype, device: st
     ``size`` samples followed by the 1-D Gaussian blur of :func:`gaussian_blur`.
 
     Taken from torch's own operations applied to unit vectors, so it is their
-    mapping to the last rounding of the weights.
+    mapping to the last rounding of the weights; built in full float32
+    (:func:`~padim_ooc.extractor.float32_precision`: on CUDA, cuDNN would
+    otherwise run the blur's convolution in TF32, 10-bit mantissas, and every
+    map of the process would carry that error).
     """
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), float32_precision():  # no TF32 convolution in the cached operator
         units = torch.eye(n, dtype=dtype, device=device).view(n, 1, n, 1)
         up = F.interpolate(units, size=(size, 1), mode="bilinear", align_corners=False)
         if sigma > 0:
@@ -189,10 +192,16 @@ class Model:
         return self._final
 
     def score_batch(self, batch: torch.Tensor, *, sigma: float = DEFAULT_SIGMA):
-        """Image scores (B,) and anomaly maps (B, crop, crop) of a preprocessed batch (tensors)."""
+        """Image scores (B,) and anomaly maps (B, crop, crop) of a preprocessed batch (tensors).
+
+        Every product of the score (the Mahalanobis ``bmm``, the map products)
+        runs in full float32 whatever the calling process set (``allow_tf32``,
+        ``set_float32_matmul_precision("high")``): TF32 would change scores on a
+        GPU by about 1e-3 relative, past what the features carry.
+        """
         mean, prec = self._statistics()
         patches = self.extractor.embed_patches(batch)
-        with torch.inference_mode():
+        with torch.inference_mode(), float32_precision():
             dist = mahalanobis_patches(patches, mean, prec).T.reshape(batch.shape[0], *self.extractor.grid)
             maps = anomaly_maps(dist, self.extractor.preprocess.crop, sigma)
             scores = maps.amax(dim=(1, 2))

@@ -241,3 +241,60 @@ def test_default_budget_is_capped_by_free_gpu_memory():
     budget = default_budget("cuda")
     free, _ = torch.cuda.mem_get_info()
     assert 0 < budget <= free * MEMORY_MARGIN * 1.01  # 1 %: free memory moves a little between the calls
+
+
+def test_score_path_runs_in_full_float32_whatever_the_process_set(fitted_model, image_dir, extractor):
+    """Every product and convolution of a score (the Mahalanobis bmm, the map products, the blur
+    that builds the cached map operator) sees full float32, though the process asked for TF32
+    ("high" matmuls, TF32 cuDNN convolutions): read at each op by a dispatch mode, so it is
+    checked on the CPU too (the flags are what CUDA would obey)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from padim_ooc import score as score_module
+    from padim_ooc.extractor import _precision_settings, _set_precision_settings
+
+    watched = {"bmm", "mm", "matmul", "convolution", "addmm", "baddbmm"}
+    seen = []
+
+    class Flags(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in watched:
+                seen.append((name, torch.get_float32_matmul_precision(), _precision_settings().get("cudnn.conv")))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.stack([extractor.preprocess(decode_rgb(p.read_bytes())) for p in list_images([image_dir / "b"])[:2]])
+    fitted_model._statistics()
+    patches = fitted_model.extractor.embed_patches(x)  # the backbone's own guard is tested in test_extractor
+    saved = _precision_settings()
+    score_module.map_operator.cache_clear()
+    try:
+        torch.set_float32_matmul_precision("high")
+        if "cudnn.conv" in saved:
+            torch.backends.cudnn.conv.fp32_precision = "tf32"
+        fitted_model.extractor.embed_patches = lambda batch: patches
+        with Flags():
+            fitted_model.score_batch(x)
+    finally:
+        del fitted_model.extractor.embed_patches
+        _set_precision_settings(saved)
+        score_module.map_operator.cache_clear()
+    names = {name for name, _, _ in seen}
+    assert {"bmm", "convolution"} <= names, seen
+    assert all(matmul == "highest" for _, matmul, _ in seen), seen
+    assert all(conv in (None, "ieee") for _, _, conv in seen), seen
+
+
+def test_gpu_out_of_memory_is_one_line_naming_what_to_lower(fitted_model, tmp_path, image_dir, capsys, monkeypatch):
+    """torch's OutOfMemoryError (raised here as CUDA raises it: no GPU on CI) is a one-line error
+    that says which option to lower, not an internal error (exit 3)."""
+    from conftest import cli_error
+    from padim_ooc.score import Model
+
+    def out_of_memory(self, batch, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.80 GiB (GPU 0; 1.2 GiB free)")
+
+    monkeypatch.setattr(Model, "score_batch", out_of_memory)
+    line = cli_error(capsys, "score", fitted_model.store.path, image_dir / "b", "--out", tmp_path / "o", "-q",
+                     text="the GPU ran out of memory")
+    assert "--batch-size" in line and "Tried to allocate 1.80 GiB" in line
