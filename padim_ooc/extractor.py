@@ -23,12 +23,22 @@ DEVICE_CHOICES = "auto, cpu, cuda or cuda:N (N a GPU index)"
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> cuda if available else cpu; ``cpu``, ``cuda``, ``cuda:N``.
 
+    On a numbered Dask worker, ``auto`` and ``cuda`` (no index) are the worker's
+    own GPU, round-robin over the visible ones
+    (:func:`padim_ooc.parallel.devices.worker_gpu`); ``cuda:N`` is kept.
+
     Raises
     ------
     PadimError
         For any other value, or a CUDA device that this machine does not have.
     """
     text = str(device).strip()
+    if text in ("auto", "cuda") and torch.cuda.is_available():
+        from .parallel.devices import worker_gpu
+
+        mine = worker_gpu(torch.cuda.device_count())
+        if mine is not None:
+            return torch.device("cuda", mine[0])
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", text):

@@ -140,8 +140,10 @@ def default_budget(device=None) -> int:
     device : str or torch.device, optional
         Where the accumulator and the fold buffer live. On a CUDA device the
         budget is also capped by the GPU memory free now
-        (``torch.cuda.mem_get_info``) with the same margin; ``auto`` means
-        CUDA when one is available. ``None`` or ``cpu``: host memory only.
+        (``torch.cuda.mem_get_info``) and, on a Dask worker that shares its GPU
+        with others of its host, by its share of the GPU's total, with the same
+        margin; ``auto`` means CUDA when one is available. ``None`` or ``cpu``:
+        host memory only.
     """
     import psutil
 
@@ -158,9 +160,20 @@ def default_budget(device=None) -> int:
     if gpu is not None:
         import torch
 
-        free, _total = torch.cuda.mem_get_info(gpu)
-        available = min(available, int(free))
+        free, total = torch.cuda.mem_get_info(gpu)
+        available = min(available, int(free), int(total) // _gpu_sharers())
     return max(0, int(available * MEMORY_MARGIN))
+
+
+def _gpu_sharers() -> int:
+    """How many workers of this host share this process's GPU (1 outside a Dask worker): each
+    budgets its share of the GPU's memory, so the budgets add up (parallel/devices.py)."""
+    import torch
+
+    from .parallel.devices import worker_gpu
+
+    mine = worker_gpu(torch.cuda.device_count())
+    return mine[1] if mine else 1
 
 
 def _cuda_device(device):

@@ -66,6 +66,34 @@ def test_cluster_set_up(cluster):
     assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
 
 
+def test_workers_take_their_own_gpu_round_robin(cluster):
+    """Each worker of a host is numbered when the client registers its plugin: with 2 GPUs the two
+    workers take cuda:0 and cuda:1 alone; with 1 they share it and each budgets half of it
+    (asked of the real worker processes; the GPU count is a parameter, no GPU needed)."""
+    from padim_ooc.parallel import devices
+
+    client, _ = cluster
+    two = sorted(client.run(devices.worker_gpu, 2).values())
+    one = sorted(client.run(devices.worker_gpu, 1).values())
+    assert two == [(0, 1), (1, 1)] and one == [(0, 2), (0, 2)], (two, one)
+    assert devices.worker_gpu(2) is None  # the client's own process is no worker
+
+
+def test_gpu_shares_add_up():
+    from padim_ooc.parallel.devices import assign_slots, gpu_share
+
+    slots = assign_slots({"tcp://a:2": "a", "tcp://a:1": "a", "tcp://b:9": "b", "tcp://a:3": "a"})
+    assert slots == {"tcp://a:1": (0, 3), "tcp://a:2": (1, 3), "tcp://a:3": (2, 3), "tcp://b:9": (0, 1)}
+    for n in range(1, 9):
+        for gpus in range(1, 5):
+            shares = [gpu_share(rank, n, gpus) for rank in range(n)]
+            used = {index for index, _ in shares}
+            assert used == set(range(min(n, gpus)))  # every GPU used before any is shared
+            # each worker budgets 1/sharers of its GPU: at most one whole GPU per device in all
+            for index in used:
+                assert sum(1 / s for i, s in shares if i == index) == pytest.approx(1.0)
+
+
 def test_finalize_on_the_cluster(cluster, tmp_path):
     client, _ = cluster
     rng = np.random.default_rng(0)

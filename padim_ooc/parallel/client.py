@@ -11,8 +11,9 @@ context manager::
     with open_client() as client:               # client is None: run in this process
         ...
 
-Every worker gets a plugin that limits torch to one intra-op thread, so N
-worker processes on N cores do not oversubscribe the CPU. While a client is
+Every worker gets a plugin (:mod:`.devices`) that limits torch to one intra-op
+thread, so N worker processes on N cores do not oversubscribe the CPU, and that
+gives each worker of a host its own GPU, round-robin over the visible ones. While a client is
 open, Dask's own INFO messages (cluster start, workers registering, ...) are
 held back: only warnings and errors reach stderr.
 
@@ -31,6 +32,7 @@ from typing import Callable, Iterator
 
 from ..errors import PadimError
 from ..options import DEFAULT_DASHBOARD, Cluster
+from . import devices
 
 TORCH_THREADS_PER_WORKER = 1
 # seconds to wait for a scheduler to answer, and for it to have a worker (environment overrides)
@@ -46,25 +48,6 @@ def _dashboard_hint() -> str:
     import importlib.util
 
     return "" if importlib.util.find_spec("bokeh") else DASHBOARD_HINT
-
-
-def _plugin_class():
-    from distributed import WorkerPlugin
-
-    class TorchThreads(WorkerPlugin):
-        """Sets torch's intra-op threads in every worker (also in restarted ones)."""
-
-        name = "padim-ooc-torch-threads"
-
-        def __init__(self, threads: int = TORCH_THREADS_PER_WORKER):
-            self.threads = threads
-
-        def setup(self, worker) -> None:
-            import torch
-
-            torch.set_num_threads(self.threads)
-
-    return TorchThreads
 
 
 def _seconds(value: float | None, env: str, default: float) -> float:
@@ -181,7 +164,7 @@ def open_client(workers: int | None = None, scheduler: str | None = None, *,
                 echo(f"dask: local cluster of {workers} worker processes, dashboard at "
                      f"{cluster.dashboard_link}{_dashboard_hint()}")
             try:
-                client.register_plugin(_plugin_class()())
+                devices.register(client)  # torch threads, and one GPU per worker (round-robin)
                 yield client
             finally:
                 # closing after a failed run can log broken connections with tracebacks: not news
