@@ -214,3 +214,19 @@ def test_api_fit_embedding(tmp_path, image_dir, extractor):
     assert model.store.config.embedding == "orthogonal"
     with pytest.raises(PadimError, match="give one of them"):
         po.fit([image_dir / "a"], tmp_path / "n.zarr", extractor=extractor, embedding="orthogonal")
+
+
+def test_a_creation_killed_after_the_projection_is_created_again(tmp_path, image_dir, orthogonal):
+    """The projection is written before the root attributes: a creation killed in between leaves
+    only ``embedding/`` (no model), which the next fit removes and writes again."""
+    path = tmp_path / "m.zarr"
+    (path / "embedding" / "projection").mkdir(parents=True)
+    (path / "embedding" / "projection" / "zarr.json").write_text("{}")
+    model = po.fit([image_dir / "a"], path, extractor=orthogonal, batch_size=10, loader_workers=0,
+                   finalize=False)
+    assert model.n_images == 20 and np.array_equal(model.store.projection(), orthogonal.projection)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "embedding").mkdir()
+    (tmp_path / "other" / "zarr.json").write_text("{}")  # a foreign Zarr group: not taken for a leftover
+    with pytest.raises(PadimError):
+        ModelStore.create(tmp_path / "other", orthogonal.config(), orthogonal.projection)
