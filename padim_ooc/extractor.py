@@ -246,6 +246,9 @@ class Extractor:
             dims = min(backbones.DEFAULT_DIMS[self.backbone], total)
         self.projection = None  # (F, d) float64 of an orthogonal embedding
         if self.embedding == "orthogonal":
+            if cfg.channels is not None:
+                raise PadimError("channel indices were given for an orthogonal embedding (it keeps no subset; "
+                                 "use embedding='random' to choose channels)")
             self.channels = None
             self.projection = self._projection(projection, total, dims, cfg.projection_digest)
             self._per_layer = self._split_channels(list(range(total)))

@@ -77,6 +77,12 @@ def test_config_and_digest(orthogonal):
     assert po.Extractor("resnet18", weights=None, resize=RESIZE, crop=CROP, device="cpu").config().embedding == "random"
     with pytest.raises(PadimError, match="unknown embedding 'pca': use random or orthogonal"):
         po.Extractor("resnet18", weights=None, resize=RESIZE, crop=CROP, device="cpu", embedding="pca")
+    with pytest.raises(PadimError, match="channel indices were given for an orthogonal embedding"):
+        po.Extractor("resnet18", weights=None, resize=RESIZE, crop=CROP, device="cpu", embedding="orthogonal",
+                     channels=[0, 1])
+    with pytest.raises(PadimError, match="a projection was given for a random embedding"):
+        po.Extractor("resnet18", weights=None, resize=RESIZE, crop=CROP, device="cpu",
+                     projection=draw_projection(448, 100, 0))
     with pytest.raises(PadimError, match="differs from the one the model was fitted with"):
         po.Extractor.from_config(cfg, device="cpu", projection=draw_projection(448, 100, 1))
 
