@@ -41,7 +41,8 @@ def open_model(path: str | os.PathLike, *, device: str = "auto", weights: str | 
 
 
 def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | os.PathLike, *,
-        extractor: Extractor | None = None, weights: str | None = None, batch_size: int = 32,
+        extractor: Extractor | None = None, weights: str | None = None, embedding: str | None = None,
+        batch_size: int = 32,
         checkpoint_every: int | None = None, finalize: bool = True, eps: float | None = None,
         shrinkage: str | None = None, loader_workers: int | None = None, on_error: str = "skip",
         progress: bool = False, device: str = "auto", max_memory: int | None = None, workers: int | None = None,
@@ -63,6 +64,11 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
         model fitted with a local file needs that file's path (its hash is
         checked), and weights that differ from the stored ones are refused
         before anything is built.
+    embedding : {'random', 'orthogonal'}, optional
+        Without ``extractor``: how a new model's d channels are made of the F
+        concatenated ones, a seeded random subset (PaDiM) or a seeded
+        semi-orthogonal projection (Kim et al. 2021) [random]; an existing model
+        fitted otherwise is refused. With ``extractor``: must be its embedding.
     finalize : bool
         Compute the precision matrices at the end (``eps`` on the diagonal).
     eps : float, optional
@@ -100,7 +106,10 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
                          progress=progress, cluster=Cluster(workers, scheduler, client),
                          checkpoint_every=checkpoint_every, max_memory=max_memory, finalize=finalize, eps=eps,
                          shrinkage=shrinkage, holdout=holdout, fpr=fpr)
-    config = ModelConfig(weights=weights) if weights is not None else None
+    config = ModelConfig(weights=weights, embedding=embedding) if weights or embedding else None
+    if extractor is not None and embedding is not None and extractor.embedding != config.embedding:
+        raise PadimError(f"embedding={embedding!r} was given with an extractor whose embedding is "
+                         f"{extractor.embedding!r}: give one of them")
     run_fit(sources, model, options, config=config, extractor=extractor)
     return open_model(model, device=device if extractor is None else str(extractor.device), weights=weights,
                       extractor=extractor)

@@ -169,8 +169,9 @@ def fit(
     model: str = typer.Option(..., "--model", help="Model store (Zarr); created or extended."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help=f"torchvision model name or efficientnet_lite0 [{DEFAULT_BACKBONE}]."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layer names [first three stages]."),
-    dims: Optional[int] = typer.Option(None, "--dims", min=1, help="Random channels kept [100 for resnet18, 550 for wide_resnet50_2]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help=f"Seed of the channel draw and of random weights [{DEFAULT_SEED}]."),
+    embedding: Optional[str] = typer.Option(None, "--embedding", help="random (keep --dims seeded random channels, PaDiM) or orthogonal (project the channels on --dims seeded orthonormal directions, Kim et al. 2021) [random]."),
+    dims: Optional[int] = typer.Option(None, "--dims", min=1, help="Dimension of a patch embedding [100 for resnet18, 550 for wide_resnet50_2, else all channels]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"Seed of the channel or projection draw and of random weights [{DEFAULT_SEED}]."),
     weights: Optional[str] = typer.Option(None, "--weights", help=f"default (pretrained), a state-dict file, or none (random) [{DEFAULT_WEIGHTS}]."),
     resize: Optional[int] = typer.Option(None, "--resize", min=1, help=f"Square resize in pixels [{DEFAULT_RESIZE}]."),
     crop: Optional[int] = typer.Option(None, "--crop", min=1, help=f"Centre crop in pixels [{DEFAULT_CROP}]."),
@@ -212,13 +213,13 @@ def fit(
                          checkpoint_every=checkpoint_every, max_memory=_bytes(max_memory),
                          finalize=not no_finalize, eps=eps, shrinkage=shrinkage, holdout=holdout, fpr=fpr,
                          **_image_bytes(max_image_bytes))
-    asked = ModelConfig(backbone=backbone, layers=_layers(layers), dims=dims, seed=seed, weights=weights,
-                        resize=resize, crop=crop)
+    asked = ModelConfig(backbone=backbone, layers=_layers(layers), embedding=embedding, dims=dims, seed=seed,
+                        weights=weights, resize=resize, crop=crop)
     if preset is not None:  # the preset's fields, overridden by those given explicitly
         from .presets import resolve
 
         asked = resolve(preset, backbone=backbone, dims=dims, resize=resize, crop=crop, weights=asked.weights).merged(
-            ModelConfig(layers=asked.layers, seed=seed))
+            ModelConfig(layers=asked.layers, seed=seed, embedding=embedding))
     data = _need_data(data, "padim-ooc fit data/train/good --model model.zarr")
     summary, finalized = run_fit(data, model, options, config=asked)
     typer.echo(json.dumps(summary.as_dict() | {"finalized": finalized}))
@@ -545,6 +546,7 @@ def info(model: str = typer.Argument(..., help="Model store.")):
 
     store = ModelStore.open(model)
     attrs = dict(store.attrs)
+    attrs["embedding"] = store.config.embedding  # a store written before it was a choice: random
     attrs.pop("holdout", None)
     if attrs.get("calibration") is not None or store.attrs.get("holdout"):
         attrs["calibration"] = describe(store)

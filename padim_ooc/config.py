@@ -37,10 +37,14 @@ DEFAULT_RESIZE = 256
 DEFAULT_CROP = 224
 
 # fields that decide the features: two models can be extended or merged only if all agree
-FEATURE_FIELDS = ("backbone", "layers", "layer_channels", "channels", "dims", "weights_digest", "resize", "crop",
-                  "normalize_mean", "normalize_std", "grid")
+FEATURE_FIELDS = ("backbone", "layers", "layer_channels", "embedding", "channels", "projection_digest", "dims",
+                  "weights_digest", "resize", "crop", "normalize_mean", "normalize_std", "grid")
 # what a user chooses (the command line's options); compared where given
-CHOSEN_FIELDS = ("backbone", "layers", "dims", "seed", "weights", "resize", "crop")
+CHOSEN_FIELDS = ("backbone", "layers", "embedding", "dims", "seed", "weights", "resize", "crop")
+# how the d channels of a patch embedding are made of the F concatenated ones: a seeded
+# random subset (PaDiM) or a seeded semi-orthogonal projection (Kim et al. 2021)
+EMBEDDINGS = ("random", "orthogonal")
+DEFAULT_EMBEDDING = "random"
 # JSON lists in the store, tuples in the record
 _TUPLES = ("layers", "layer_channels", "channels", "normalize_mean", "normalize_std", "grid")
 
@@ -56,11 +60,15 @@ class ModelConfig:
         [``resnet18``].
     layers : tuple of str, optional
         Nodes whose maps are concatenated [the backbone's first three stages].
+    embedding : str, optional
+        ``random`` (keep ``dims`` seeded random channels: PaDiM) or
+        ``orthogonal`` (project the F channels on ``dims`` seeded orthonormal
+        directions: Kim et al. 2021) [``random``; a store without it is random].
     dims : int, optional
-        Channels kept, a seeded random subset [100 for resnet18, 550 for
+        Dimension d of a patch embedding [100 for resnet18, 550 for
         wide_resnet50_2, all channels otherwise].
     seed : int, optional
-        Seed of the channel draw and of random weights [0].
+        Seed of the channel or projection draw and of random weights [0].
     weights : str, optional
         What to load (``default``, ``none``, ``torchvision:NAME``, a file), or
         in a fitted record the identity of what was loaded [``default``].
@@ -72,7 +80,11 @@ class ModelConfig:
     layer_channels : tuple of int
         Channels of each layer (from the built backbone).
     channels : tuple of int
-        The channel indices kept, into the concatenated layers (``dims`` of them).
+        The channel indices kept, into the concatenated layers (``dims`` of
+        them; None for an orthogonal embedding).
+    projection_digest : str
+        ``sha256:<hex>`` of the stored (F, d) float64 projection of an orthogonal
+        embedding (:func:`padim_ooc.extractor.projection_digest`; None for random).
     grid : tuple (h, w)
         The feature grid (the first layer's): P = h * w positions.
     weights_digest : str
@@ -81,6 +93,7 @@ class ModelConfig:
 
     backbone: str | None = None
     layers: tuple[str, ...] | None = None
+    embedding: str | None = None
     dims: int | None = None
     seed: int | None = None
     weights: str | None = None
@@ -92,6 +105,7 @@ class ModelConfig:
     channels: tuple[int, ...] | None = None
     grid: tuple[int, ...] | None = None
     weights_digest: str | None = None
+    projection_digest: str | None = None
 
     def __post_init__(self):
         for name in _TUPLES:  # lists from JSON or from a caller: tuples, so that records compare and hash
@@ -100,6 +114,8 @@ class ModelConfig:
                 object.__setattr__(self, name, tuple(value))
         if self.weights is not None and self.weights.lower() == "none":
             object.__setattr__(self, "weights", "none")
+        if self.embedding is not None and self.embedding not in EMBEDDINGS:
+            raise PadimError(f"unknown embedding {self.embedding!r}: use {' or '.join(EMBEDDINGS)}")
 
     # ---- defaults ------------------------------------------------------
     def with_defaults(self) -> "ModelConfig":
@@ -118,6 +134,7 @@ class ModelConfig:
         return dataclasses.replace(
             self, backbone=backbone,
             layers=self.layers or tuple(backbones.default_layers(backbone)),
+            embedding=self.embedding or DEFAULT_EMBEDDING,
             seed=DEFAULT_SEED if self.seed is None else self.seed,
             weights=self.weights or DEFAULT_WEIGHTS,
             resize=resize, crop=self.crop or min(DEFAULT_CROP, resize),
@@ -135,8 +152,13 @@ class ModelConfig:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> "ModelConfig":
-        """The record of a store's attributes (other keys, counts and pointers, are ignored)."""
-        return cls(**{f.name: attrs.get(f.name) for f in fields(cls)})
+        """The record of a store's attributes (other keys, counts and pointers, are ignored).
+
+        A store written before the embedding was a choice has no ``embedding``: random."""
+        values = {f.name: attrs.get(f.name) for f in fields(cls)}
+        if values["embedding"] is None and values["channels"] is not None:
+            values["embedding"] = DEFAULT_EMBEDDING
+        return cls(**values)
 
     @classmethod
     def of(cls, value: "ModelConfig | dict[str, Any]") -> "ModelConfig":
@@ -264,6 +286,6 @@ def check_weights(stored: ModelConfig | dict, weights: str | None, path: str | o
     ModelConfig.of(stored).check_extends(ModelConfig(weights=weights), path, keys=("weights",))
 
 
-__all__ = ["ModelConfig", "FEATURE_FIELDS", "CHOSEN_FIELDS", "DEFAULT_BACKBONE", "DEFAULT_SEED", "DEFAULT_WEIGHTS",
+__all__ = ["ModelConfig", "FEATURE_FIELDS", "CHOSEN_FIELDS", "EMBEDDINGS", "DEFAULT_EMBEDDING", "DEFAULT_BACKBONE", "DEFAULT_SEED", "DEFAULT_WEIGHTS",
            "DEFAULT_RESIZE", "DEFAULT_CROP", "weights_identity", "same_weights", "weights_source", "check_weights",
            "short"]

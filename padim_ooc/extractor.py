@@ -1,13 +1,18 @@
-"""The embedding: backbone maps of a few layers, a seeded random channel subset,
-upsampled (nearest) to the first layer's grid and concatenated."""
+"""The embedding: backbone maps of a few layers, upsampled (nearest) to the first layer's
+grid and concatenated (F channels), of which d are kept: a seeded random channel subset
+(PaDiM), or d seeded orthonormal directions that the F channels are projected on (the
+semi-orthogonal embedding of Kim et al. 2021; the subset is its special case of identity
+columns)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -135,6 +140,33 @@ def draw_channels(total: int, dims: int | None, seed: int) -> list[int]:
     return sorted(torch.randperm(total, generator=gen)[:dims].tolist())
 
 
+def draw_projection(total: int, dims: int | None, seed: int) -> np.ndarray:
+    """A seeded semi-orthogonal projection: ndarray of shape (total, dims), float64, W.T @ W = I.
+
+    The Q factor of the QR decomposition of a (total, dims) standard Gaussian matrix drawn
+    with ``numpy.random.default_rng(seed)``, each column multiplied by the sign of R's
+    diagonal entry, so that the draw is unique (uniform on the Stiefel manifold) and the
+    same seed gives the same matrix. ``dims`` None: all channels (a rotation).
+    """
+    dims = total if dims is None else dims
+    if not 1 <= dims <= total:
+        raise PadimError(f"dims {dims} is out of range (1 to {total} for this backbone and layers)")
+    gauss = np.random.default_rng(seed).standard_normal((total, dims))
+    q, r = np.linalg.qr(gauss)
+    signs = np.sign(np.diag(r))
+    signs[signs == 0] = 1.0
+    return np.ascontiguousarray(q * signs, dtype=np.float64)
+
+
+def projection_digest(projection: np.ndarray) -> str:
+    """``sha256:<hex>`` of a (F, d) projection (its shape and little-endian float64 bytes):
+    what the configuration records, so that models with other projections are refused."""
+    w = np.ascontiguousarray(projection, dtype="<f8")
+    h = hashlib.sha256(f"{w.shape[0]}x{w.shape[1]}:".encode())
+    h.update(w.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 class Extractor:
     """PaDiM patch embeddings of preprocessed images.
 
@@ -150,11 +182,15 @@ class Extractor:
         ``wide_resnet50_2``, ...) or ``efficientnet_lite0`` [resnet18].
     layers : list of str, optional
         Node names whose maps are concatenated [the first three stages].
+    embedding : str, optional
+        ``random`` (a seeded random subset of ``dims`` channels) or
+        ``orthogonal`` (the F concatenated channels projected on ``dims``
+        seeded orthonormal directions, :func:`draw_projection`) [random].
     dims : int, optional
-        Channels kept (random subset, seeded) [100 for resnet18, 550 for
+        Dimension d of an embedding [100 for resnet18, 550 for
         wide_resnet50_2, all channels otherwise].
     seed : int, optional
-        Seed of the channel draw and of random weights [0].
+        Seed of the channel or projection draw and of random weights [0].
     weights : str or None
         ``"default"`` (pretrained, torchvision's weights API), ``torchvision:NAME``,
         a state-dict file path, or ``None``/``"none"`` (random init, seeded).
@@ -167,6 +203,10 @@ class Extractor:
         a fitted model's record has them).
     mean, std : tuple of 3 floats, optional
         Input normalisation [what the backbone's weights expect].
+    projection : ndarray of shape (F, dims), optional
+        The projection of an orthogonal embedding (instead of the seeded draw; a
+        fitted model's store has it, ``embedding/projection``). Its digest must be
+        the configuration's ``projection_digest`` where that is given.
     config : ModelConfig, optional
         The whole configuration at once (the keywords above then must not be given).
 
@@ -182,9 +222,10 @@ class Extractor:
                  dims: int | None = None, seed: int | None = None, weights: str | None = "default",
                  resize: int | None = None, crop: int | None = None, device: str = "auto",
                  channels: list[int] | None = None, mean: tuple | None = None, std: tuple | None = None,
+                 embedding: str | None = None, projection: np.ndarray | None = None,
                  config: ModelConfig | None = None):
         if config is None:
-            config = ModelConfig(backbone=backbone, layers=layers, dims=dims, seed=seed,
+            config = ModelConfig(backbone=backbone, layers=layers, embedding=embedding, dims=dims, seed=seed,
                                  weights="none" if weights is None else weights, resize=resize, crop=crop,
                                  normalize_mean=mean, normalize_std=std, channels=channels)
         cfg = config.with_defaults()
@@ -209,16 +250,49 @@ class Extractor:
         self.grid = tuple(int(s) for s in probe[self.layers[0]].shape[-2:])
         self._nearest = [self._nearest_index(tuple(probe[layer].shape[-2:])) for layer in self.layers]
         total = sum(self.layer_channels)
+        self.embedding = cfg.embedding
+        dims = cfg.dims
+        if dims is None and self.backbone in backbones.DEFAULT_DIMS:
+            dims = min(backbones.DEFAULT_DIMS[self.backbone], total)
+        self.projection = None  # (F, d) float64 of an orthogonal embedding
+        if self.embedding == "orthogonal":
+            if cfg.channels is not None:
+                raise PadimError("channel indices were given for an orthogonal embedding (it keeps no subset; "
+                                 "use embedding='random' to choose channels)")
+            self.channels = None
+            self.projection = self._projection(projection, total, dims, cfg.projection_digest)
+            self._per_layer = self._split_channels(list(range(total)))
+            w = torch.from_numpy(self.projection).to(self.device, torch.float32)
+            self._weights_per_layer = list(torch.split(w, self.layer_channels))  # (C_l, d) each
+            return
+        if projection is not None:
+            raise PadimError("a projection was given for a random embedding (use embedding='orthogonal')")
         channels = cfg.channels
         if channels is None:
-            dims = cfg.dims
-            if dims is None and self.backbone in backbones.DEFAULT_DIMS:
-                dims = min(backbones.DEFAULT_DIMS[self.backbone], total)
             channels = draw_channels(total, dims, self.seed)
         elif any(not 0 <= c < total for c in channels):
             raise PadimError(f"stored channel indices are out of range (0 to {total - 1})")
         self.channels = list(channels)
         self._per_layer = self._split_channels(self.channels)
+        self._weights_per_layer = None
+
+    def _projection(self, given: np.ndarray | None, total: int, dims: int | None,
+                    digest: str | None) -> np.ndarray:
+        """The (F, d) float64 projection: ``given`` (checked) or the seeded draw; its digest
+        must be ``digest`` where one is recorded."""
+        if given is None:
+            w = draw_projection(total, dims, self.seed)
+        else:
+            w = np.asarray(given, dtype=np.float64)
+            if w.ndim != 2 or w.shape[0] != total or (dims is not None and w.shape[1] != dims):
+                raise PadimError(f"the projection has shape {w.shape}, expected ({total}, "
+                                 f"{dims if dims is not None else 'd'}) for this backbone and layers")
+            w = np.ascontiguousarray(w)
+        if digest is not None and projection_digest(w) != digest:
+            raise PadimError(f"the projection differs from the one the model was fitted with (digest "
+                             f"{projection_digest(w)} != stored {digest}); rebuild the extractor from the "
+                             "model's store (its embedding/projection array)")
+        return w
 
     def _split_channels(self, channels: list[int]) -> list[torch.Tensor]:
         out, offset = [], 0
@@ -243,7 +317,7 @@ class Extractor:
     @property
     def dims(self) -> int:
         """Dimension d of a patch embedding."""
-        return len(self.channels)
+        return self.projection.shape[1] if self.projection is not None else len(self.channels)
 
     @property
     def positions(self) -> int:
@@ -278,7 +352,11 @@ class Extractor:
         contiguous tensor): position-major, the
         same values as :meth:`embed`. The selected channels of each layer are
         written straight into place, upsampling (nearest) included, without
-        the intermediate (B, d, h, w) copies.
+        the intermediate (B, d, h, w) copies. An orthogonal embedding projects
+        each layer at its own resolution (its rows of W, (C_l, d)) and sums the
+        upsampled parts: nearest upsampling commutes with a per-position linear
+        map, so this is W.T applied to the (F, h, w) concatenation, at a
+        fraction of the products.
         """
         expected = self.preprocess.crop
         if batch.ndim != 4 or batch.shape[1] != 3 or tuple(batch.shape[-2:]) != (expected, expected):
@@ -295,6 +373,9 @@ class Extractor:
             elif tuple(out.shape) != (h * w, b, self.dims) or out.dtype != torch.float32:
                 raise ValueError(f"out must be float32 of shape {(h * w, b, self.dims)}, got {tuple(out.shape)}")
             patches, out = out, out.view(h, w, b, self.dims)
+            if self._weights_per_layer is not None:
+                self._project_into(maps, out)
+                return patches
             offset = 0
             for layer, idx, (rows, cols) in zip(self.layers, self._per_layer, self._nearest):
                 c = idx.numel()
@@ -312,26 +393,50 @@ class Extractor:
                 offset += c
             return patches
 
+    def _project_into(self, maps: dict, out: torch.Tensor) -> None:
+        """``out`` (h, w, B, d) = sum over layers of the upsampled (h', w', B, C_l) @ W_l."""
+        h, w, b, _ = out.shape
+        for k, (layer, wl, (rows, cols)) in enumerate(zip(self.layers, self._weights_per_layer, self._nearest)):
+            with float32_precision():
+                part = torch.matmul(maps[layer].permute(2, 3, 0, 1), wl)  # (h', w', B, d)
+            hh, ww = part.shape[:2]
+            if (hh, ww) == (h, w):
+                target, part = out, part
+            elif h % hh == 0 and w % ww == 0:  # integer factor: nearest = repeat, by broadcasting
+                target, part = out.view(hh, h // hh, ww, w // ww, b, self.dims), part[:, None, :, None]
+            else:
+                target, part = out, part[rows][:, cols]
+            if k == 0:
+                target.copy_(part)  # broadcasts, as the assignment of the random embedding
+            else:
+                target += part
+
     def config(self) -> ModelConfig:
         """The record of this extractor: what the store keeps, and all it takes to rebuild it."""
-        return ModelConfig(backbone=self.backbone, layers=tuple(self.layers), dims=self.dims, seed=self.seed,
+        return ModelConfig(backbone=self.backbone, layers=tuple(self.layers), embedding=self.embedding,
+                           dims=self.dims, seed=self.seed,
                            weights=self.weights_id, resize=self.preprocess.resize, crop=self.preprocess.crop,
                            normalize_mean=tuple(self.preprocess.mean), normalize_std=tuple(self.preprocess.std),
-                           layer_channels=tuple(self.layer_channels), channels=tuple(self.channels),
-                           grid=tuple(self.grid), weights_digest=self.weights_digest)
+                           layer_channels=tuple(self.layer_channels),
+                           channels=None if self.channels is None else tuple(self.channels),
+                           grid=tuple(self.grid), weights_digest=self.weights_digest,
+                           projection_digest=None if self.projection is None else projection_digest(self.projection))
 
     @classmethod
     def from_config(cls, cfg: ModelConfig | dict[str, Any], *, device: str = "auto",
-                    weights: str | None = None) -> "Extractor":
+                    weights: str | None = None, projection: np.ndarray | None = None) -> "Extractor":
         """Rebuild the extractor a model was fitted with (its record ``cfg``) and check its weights.
 
         ``weights``: where to load them from, e.g. the local path of the file whose
         hash is stored; by default what the record's identity names
         (:func:`padim_ooc.config.weights_source`). The rebuilt backbone's digest
-        must be the stored one.
+        must be the stored one. ``projection``: the (F, d) array of an orthogonal
+        model (:meth:`padim_ooc.store.ModelStore.projection`); without it the seeded
+        draw, whose digest must then be the stored one.
         """
         cfg = ModelConfig.of(cfg)
-        ex = cls(config=dataclasses.replace(cfg, weights=weights_source(cfg, weights)), device=device)
+        ex = cls(config=dataclasses.replace(cfg, weights=weights_source(cfg, weights)), device=device,
+                 projection=projection)
         if ex.weights_digest != cfg.weights_digest:
             raise PadimError(f"the backbone weights differ from those the model was fitted with "
                              f"(digest {ex.weights_digest} != stored {cfg.weights_digest}; "

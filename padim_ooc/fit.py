@@ -103,7 +103,8 @@ class FitTarget:
 
     def get_extractor(self) -> Extractor:
         if self.extractor is None:
-            self.extractor = Extractor.from_config(self.config, device=self.device, weights=self.weights)
+            self.extractor = Extractor.from_config(self.config, device=self.device, weights=self.weights,
+                                                   projection=self.store.projection())
         return self.extractor
 
     @classmethod
@@ -136,7 +137,7 @@ class FitTarget:
                              extractor=extractor)
             else:
                 extractor = extractor or Extractor(config=config or ModelConfig(), device=options.device)
-                target = cls(path, ModelStore.create(path, extractor.config()), created=True,
+                target = cls(path, ModelStore.create(path, extractor.config(), extractor.projection), created=True,
                              weights=weights, device=options.device, extractor=extractor)
         finally:
             lock.release(path)  # the store holds the lock now (or nobody, after an error)

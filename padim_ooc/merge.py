@@ -179,7 +179,7 @@ def merge_stores(parts: Sequence[str | os.PathLike], model: str | os.PathLike | 
     created = out is None
     try:
         if created:
-            out = ModelStore.create(model, inputs[0].config)
+            out = ModelStore.create(model, inputs[0].config, inputs[0].projection())
         live = [s for s in stores if s.n_images > 0]
         sources = [Source(s.path, s.n_images, s.mean_array(), s.m2_array()) for s in live]
         name, mean_out, m2_out = out.begin_state()

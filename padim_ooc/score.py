@@ -178,7 +178,7 @@ class Model:
         """The extractor rebuilt from the stored configuration (weights checked by digest)."""
         if self._extractor is None:
             self._extractor = Extractor.from_config(self.store.config, device=self._device,
-                                                    weights=self._weights)
+                                                    weights=self._weights, projection=self.store.projection())
         return self._extractor
 
     def _statistics(self) -> tuple[torch.Tensor, torch.Tensor]:

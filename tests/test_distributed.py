@@ -532,3 +532,25 @@ def test_cli_fit_failure_on_local_workers_is_one_line(tmp_path, image_dir):
     assert len(lines) == 2 and lines[0].startswith("dask: local cluster of 2 worker processes"), lines
     assert lines[1].startswith("error: bad image ") and lines[1].split(":")[1].strip().endswith(".png"), lines
     assert not model.exists() and not (tmp_path / "bwf.zarr.parts").exists()
+
+
+def test_sharded_fit_and_score_of_an_orthogonal_model(cluster, tmp_path, image_dir):
+    """The semi-orthogonal embedding on the cluster: the workers build the extractor with the
+    model's stored projection; their statistics are the exact two-pass ones of their features,
+    and their scores the one-process scores to float32 rounding."""
+    client, _ = cluster
+    ex = po.Extractor("resnet18", weights=None, seed=0, resize=72, crop=64, device="cpu", embedding="orthogonal")
+    one = po.fit([image_dir], tmp_path / "one.zarr", extractor=ex, batch_size=5, loader_workers=0)
+    two = po.fit([image_dir], tmp_path / "two.zarr", extractor=ex, batch_size=5, client=client)
+    assert two.n_images == 40 and np.array_equal(two.store.projection(), ex.projection)
+    assert rel(two.mean, one.mean) <= NOISE_MEAN and rel(two.covariance(), one.covariance()) <= NOISE_COV
+    mean, cov = exact_stats_on(client, two.store.config, list_images([image_dir]), 5)
+    assert rel(two.mean, mean) <= 1e-10 and rel(two.covariance(), cov) <= 1e-10
+    paths = list_images([image_dir / "b"])
+    ref = reference_scores(tmp_path / "one.zarr", paths, 4)
+    got = {}
+    bad = score_sharded(_Store.open(tmp_path / "one.zarr"), paths, client,
+                        score_options(batch_size=4, device="cpu"), shards=3,
+                        on_result=lambda idx, scores, _maps: got.update(zip(idx.tolist(), scores)))
+    assert bad == [] and sorted(got) == list(range(len(paths)))
+    np.testing.assert_allclose([got[i] for i in range(len(paths))], ref, rtol=NOISE_SCORES)

@@ -47,6 +47,18 @@ def lite0_fitted(tmp_path_factory, image_dir):
 
 
 @pytest.fixture(scope="module")
+def orthogonal_fitted(tmp_path_factory, image_dir):
+    """A resnet18 model with the semi-orthogonal embedding (random weights, d 100, crop 64) of image_dir/a."""
+    import padim_ooc as po
+
+    ex = po.Extractor("resnet18", weights=None, seed=0, resize=RESIZE, crop=CROP, device="cpu",
+                      embedding="orthogonal")
+    path = tmp_path_factory.mktemp("orthogonal") / "m.zarr"
+    po.fit([image_dir / "a"], path, extractor=ex, batch_size=10, loader_workers=0)
+    return path
+
+
+@pytest.fixture(scope="module")
 def test_files(image_dir):
     return sorted((image_dir / "b").glob("*.png"))
 
@@ -114,13 +126,15 @@ def test_runtime_imports_no_torch():
 
 
 # ---- agreement with PyTorch -----------------------------------------------------------------
-@pytest.mark.parametrize("backbone", ["resnet18", "lite0"])
+@pytest.mark.parametrize("backbone", ["resnet18", "lite0", "orthogonal"])
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_export_scores_like_pytorch(request, tmp_path, backbone, fmt, test_files):
-    """Scores and maps from the same files: onnxruntime and OpenVINO (CPU) equal PyTorch to 1e-4."""
+    """Scores and maps from the same files: onnxruntime and OpenVINO (CPU) equal PyTorch to 1e-4
+    (``orthogonal``: resnet18 with the semi-orthogonal embedding, the projection in the graph)."""
     if fmt == "openvino":
         pytest.importorskip("openvino")
-    model = request.getfixturevalue("fitted" if backbone == "resnet18" else "lite0_fitted")
+    model = request.getfixturevalue({"resnet18": "fitted", "lite0": "lite0_fitted",
+                                     "orthogonal": "orthogonal_fitted"}[backbone])
     folder = _export(model, tmp_path / "x", format=fmt)
     s0, m0 = _torch_scores(model, test_files)
     engines = ["onnxruntime", "openvino"] if fmt == "openvino" else ["onnxruntime"]
@@ -132,7 +146,11 @@ def test_export_scores_like_pytorch(request, tmp_path, backbone, fmt, test_files
         assert np.abs(res["scores"] - s0).max() / np.abs(s0).min() <= TOL  # elementwise too
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["preprocess"]["resize"] == RESIZE and meta["preprocess"]["crop"] == CROP
-    assert meta["model"]["config"]["channels"] and len(meta["model"]["statistics_digest"]) == 32
+    config = meta["model"]["config"]
+    if backbone == "orthogonal":
+        assert config["embedding"] == "orthogonal" and config["projection_digest"].startswith("sha256:")
+    else:
+        assert config["channels"] and len(meta["model"]["statistics_digest"]) == 32
 
 
 def test_scores_arrays_and_pil_images(fitted, tmp_path, test_files):

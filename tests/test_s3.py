@@ -29,7 +29,7 @@ import padim_ooc as po  # noqa: E402
 from padim_ooc import sources  # noqa: E402
 from padim_ooc.store import ModelStore, lock  # noqa: E402
 
-from conftest import CLI, cli_error, exact_stats, fit_summary, NOISE_COV, NOISE_MEAN, NOISE_SCORES, rel, run_cli, write_images  # noqa: E402
+from conftest import CLI, CROP, RESIZE, cli_error, exact_stats, fit_summary, NOISE_COV, NOISE_MEAN, NOISE_SCORES, rel, run_cli, write_images  # noqa: E402
 
 # the CLI's model for these tests: random resnet18 weights, small crops (the `extractor` fixture's)
 CLI_MODEL = ["--weights", "none", "--resize", "72", "--crop", "64", "--batch-size", "4", "--dims", "100",
@@ -127,6 +127,22 @@ def test_fit_from_s3_into_s3_then_incremental_without_reading_the_past(s3, bucke
     finally:
         s3.put_file(str(bucket_images[0]), "images/train/a/img0000.png")  # as the other tests expect it
     assert (third.added, third.already_seen, read) == (1, 15, ["images/train/a/img0000.png"])
+
+
+def test_an_orthogonal_model_in_s3_keeps_its_projection(s3, bucket_images):
+    """The projection of a semi-orthogonal embedding is written into the S3 store with it, and the
+    reopened model (extended, then scored) uses it."""
+    s3.mkdir("models-o")
+    url = "s3://models-o/m.zarr"
+    ex = po.Extractor("resnet18", weights=None, seed=0, resize=RESIZE, crop=CROP, device="cpu",
+                      embedding="orthogonal")
+    fit_summary(["s3://images/train/a/"], url, ex, batch_size=4, loader_workers=0)
+    assert s3.exists("models-o/m.zarr/embedding/projection/zarr.json")
+    assert np.array_equal(ModelStore.open(url).projection(), ex.projection)
+    fit_summary(["s3://images/train/"], url, batch_size=4, loader_workers=0, device="cpu")  # rebuilt from S3
+    n, mean, cov = stats(url)
+    ref_mean, ref_cov = exact_stats(ex, bucket_images, 4)
+    assert n == 16 and rel(mean, ref_mean) <= 1e-10 and rel(cov, ref_cov) <= 1e-10
 
 
 def test_local_files_are_recognised_by_path_size_and_mtime(tmp_path, extractor, monkeypatch):

@@ -2,7 +2,8 @@
 
 The graph takes a preprocessed batch (N, 3, crop, crop) float32 and gives ``scores`` (N,) and
 ``maps`` (N, crop, crop), plus ``p_values`` (N,) and ``anomalous`` (N,) bool when the model has
-a calibration: the backbone up to its last layer, the stored channel selection and nearest
+a calibration: the backbone up to its last layer, the stored channel selection (or, for an
+orthogonal embedding, the stored projection as one 1x1 convolution per layer) and nearest
 upsampling, the Mahalanobis distance against the stored mean and precision, the map operators
 of :func:`padim_ooc.score.map_operator` (bilinear upsampling and blur as two constant matrices),
 the max. The mean and precision are initializers; above the 2 GB protobuf limit (or with
@@ -61,6 +62,12 @@ class ScorerGraph(torch.nn.Module):
             self.register_buffer(f"channels{k}", idx.cpu().clone())
             self.register_buffer(f"rows{k}", rows.cpu().clone())
             self.register_buffer(f"cols{k}", cols.cpu().clone())
+        # an orthogonal embedding: layer k's rows of W (C_k, d) as the weight (d, C_k, 1, 1) of a
+        # 1x1 convolution, applied before the upsampling (they commute); the parts are summed
+        self.projected = extractor.projection is not None
+        if self.projected:
+            for k, wk in enumerate(extractor._weights_per_layer):
+                self.register_buffer(f"projection{k}", wk.detach().cpu().T.contiguous()[:, :, None, None].clone())
         crop = extractor.preprocess.crop
         h, w = self.grid
         self.register_buffer("map_rows", map_operator(h, crop, sigma, torch.float32, "cpu").clone())
@@ -80,11 +87,14 @@ class ScorerGraph(torch.nn.Module):
         h, w = self.grid
         parts = []
         for k, layer, upsample in self.parts:
-            f = feats[layer].index_select(1, getattr(self, f"channels{k}"))
+            if self.projected:
+                f = torch.nn.functional.conv2d(feats[layer], getattr(self, f"projection{k}"))
+            else:
+                f = feats[layer].index_select(1, getattr(self, f"channels{k}"))
             if upsample:
                 f = f.index_select(2, getattr(self, f"rows{k}")).index_select(3, getattr(self, f"cols{k}"))
             parts.append(f)
-        f = torch.cat(parts, 1)  # (N, d, h, w)
+        f = sum(parts[1:], parts[0]) if self.projected else torch.cat(parts, 1)  # (N, d, h, w)
         n = f.shape[0]
         patches = f.flatten(2).permute(2, 0, 1)  # (P, N, d)
         diff = patches - mean.unsqueeze(1)
@@ -143,7 +153,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike, *, format: st
     mean_arr, prec_arr = store.final_arrays()  # a clear error if not finalized
     attrs = dict(store.attrs)
     calibration = _calibration(attrs)
-    extractor = Extractor.from_config(store.config, device="cpu", weights=weights)
+    extractor = Extractor.from_config(store.config, device="cpu", weights=weights, projection=store.projection())
     p, d = int(prec_arr.shape[0]), int(prec_arr.shape[1])
     crop = extractor.preprocess.crop
     stat_dtype = np.float16 if float16 else np.float32

@@ -253,11 +253,13 @@ def fit_shard(paths: Sequence[str], part: str, config: ModelConfig, *, model: st
     try:
         plan = memory_plan(config, options.batch_size, options.max_memory or default_budget(options.device))
         worker.log_event(PLAN_TOPIC, {"plan": plan.describe(), "blocks": plan.blocks})
-        known = ModelStore.open(model).ledger()
-        extractor = Extractor.from_config(config, device=options.device, weights=weights)
+        parent = ModelStore.open(model)
+        known, projection = parent.ledger(), parent.projection()
+        extractor = Extractor.from_config(config, device=options.device, weights=weights, projection=projection)
         if fresh:
             remove_tree(part)
-        store = ModelStore.open(part, writable=True) if store_exists(part) else ModelStore.create(part, config)
+        store = (ModelStore.open(part, writable=True) if store_exists(part)
+                 else ModelStore.create(part, config, projection))
         summary = FitSummary(model=part)
         items = [as_item(p) for p in paths]
         try:  # identities taken before the images are read; the merge brings them into the model

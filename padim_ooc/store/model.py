@@ -8,6 +8,7 @@ Layout::
     M.zarr/ledger/000003        (k, 16) uint8    digests of the images folded in, per checkpoint
     M.zarr/final-000007-2/precision  (P, d, d) float32  after finalize (of state 7; the 2nd finalization)
     M.zarr/final-000007-2/mean       (P, d) float32
+    M.zarr/embedding/projection      (F, d) float64  an orthogonal embedding's projection (written once)
 
 A checkpoint writes a *new* state group (and a new ledger segment), then
 rewrites the root attributes in one write (Zarr's local store writes a
@@ -38,9 +39,11 @@ from .paths import is_url as _is_url, shared_path
 from .schema import check_array, check_attrs, check_no_links
 from ..config import ModelConfig
 from ..errors import PadimError
+from ..extractor import projection_digest
 from ..welford import Moments
 
 SCHEMA_VERSION = 1
+PROJECTION = "embedding/projection"  # the (F, d) float64 projection of an orthogonal embedding
 CHUNK_TARGET_BYTES = 32 * 2**20
 # the writer's lock file sits in the store folder; zarr warns about any file that is no Zarr node
 warnings.filterwarnings("ignore", message=r"Object at \.padim_ooc\.lock is not recognized")
@@ -49,6 +52,20 @@ warnings.filterwarnings("ignore", message=r"Object at \.padim_ooc\.lock is not r
 def positions_per_chunk(dims: int, target: int = CHUNK_TARGET_BYTES) -> int:
     """Positions per chunk so that one float64 (d, d) chunk is about ``target`` bytes."""
     return max(1, target // (dims * dims * 8))
+
+
+def _checked_projection(config: ModelConfig, projection: np.ndarray | None) -> np.ndarray | None:
+    """``projection`` as float64, if ``config`` is orthogonal and it is the one ``config`` records."""
+    if config.embedding != "orthogonal":
+        if projection is not None:
+            raise PadimError("a projection was given for a model whose embedding is not orthogonal")
+        return None
+    if projection is None:
+        raise PadimError("an orthogonal model needs its projection (the extractor's) to be created")
+    projection = np.ascontiguousarray(projection, dtype=np.float64)
+    if projection_digest(projection) != config.projection_digest:
+        raise PadimError("the projection is not the one the configuration records (projection_digest)")
+    return projection
 
 
 def zarr_options(path: str) -> dict:
@@ -118,8 +135,14 @@ class ModelStore:
 
     # ---- opening -------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, config: ModelConfig | dict[str, Any]) -> "ModelStore":
+    def create(cls, path: str | os.PathLike, config: ModelConfig | dict[str, Any],
+               projection: np.ndarray | None = None) -> "ModelStore":
         """A new, empty store for a fitted record ``config`` (an extractor's); fails if one exists.
+
+        ``projection``: the (F, d) float64 projection of an orthogonal embedding
+        (``Extractor.projection``, or another store's :meth:`projection`), required
+        for one and written as ``embedding/projection`` before the root attributes:
+        a store is never seen without it.
 
         Takes the writer's lock (see :mod:`padim_ooc.lock`) for as long as the
         returned object lives (or until :meth:`close`).
@@ -127,22 +150,28 @@ class ModelStore:
         path = shared_path(path)  # absolute: arrays pickled to workers must not depend on their cwd
         locked = lock.acquire(path, lock.default_command())
         try:
-            return cls._create(path, config)._hold_lock() if locked else cls._create(path, config)
+            store = cls._create(path, config, projection)
+            return store._hold_lock() if locked else store
         except BaseException:
             if locked:
                 lock.release(path)
             raise
 
     @classmethod
-    def _create(cls, path: str, config: ModelConfig | dict[str, Any]) -> "ModelStore":
+    def _create(cls, path: str, config: ModelConfig | dict[str, Any],
+                projection: np.ndarray | None = None) -> "ModelStore":
         if not _is_url(path) and os.path.exists(path):
             names = set(os.listdir(path)) - {lock.LOCK_NAME}
-            partial = {n for n in names if n.endswith(".partial")}  # a creation that was killed
+            # a creation that was killed: temporary files, a projection without the root
+            partial = {n for n in names if n.endswith(".partial")
+                       or (n == "embedding" and "zarr.json" not in names)}
             if names - partial:
                 raise PadimError(f"{path} exists and is not a padim_ooc model; choose another --model path")
             for name in partial:
-                os.unlink(os.path.join(path, name))
+                full = os.path.join(path, name)
+                shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.unlink(full)
         config = ModelConfig.of(config)
+        projection = _checked_projection(config, projection)
         attrs = {
             "schema_version": SCHEMA_VERSION,
             "library_version": __version__,
@@ -160,6 +189,16 @@ class ModelStore:
         if _is_url(path):
             _clear_url(path)
         try:  # group and attributes in one write: a store is never seen without its attributes
+            if projection is not None:  # before the root, which is the switch
+                zarr.create_group(f"{path.rstrip('/')}/{PROJECTION.split('/')[0]}", overwrite=True,
+                                  **zarr_options(path))
+                arr = zarr.create_array(f"{path.rstrip('/')}/{PROJECTION}", shape=projection.shape,
+                                        chunks=projection.shape, dtype="float64", compressors=None,
+                                        fill_value=0, overwrite=True, config={"write_empty_chunks": True},
+                                        attributes={COMPLETE_KEY: True}, **zarr_options(path))
+                arr[...] = projection
+                if not _is_url(path):
+                    sync_tree(os.path.join(path, PROJECTION.split("/")[0]))
             group = zarr.create_group(path, overwrite=False, attributes={ATTR_KEY: attrs},
                                       **zarr_options(path))
         except OSError as err:
@@ -220,6 +259,18 @@ class ModelStore:
     def config(self) -> ModelConfig:
         """The record of the configuration the model was fitted with."""
         return ModelConfig.from_attrs(self.attrs)
+
+    def projection(self) -> np.ndarray | None:
+        """ndarray of shape (F, d), float64: the projection of an orthogonal embedding
+        (``embedding/projection``, checked against the stored digest); None for a random one."""
+        if self.config.embedding != "orthogonal":
+            return None
+        group, name = PROJECTION.split("/")
+        w = read_array(self._array(group, name), check_live=False)
+        if projection_digest(w) != self.attrs["projection_digest"]:
+            raise PadimError(f"the model {self.path} is damaged: {PROJECTION} does not match its "
+                             f"digest {self.attrs['projection_digest']}")
+        return w
 
     def _array(self, group: str | None, name: str) -> zarr.Array:
         """The live array ``group/name``, checked (:func:`padim_ooc.chunks.open_checked`):

@@ -5,7 +5,9 @@ from a bucket), so nothing in a store is trusted before it is checked:
 
 - :func:`check_attrs`, once when a store is opened: every root attribute's
   type and range, and how they agree with each other (channels within the
-  layers' channels, the pointers of the state, the finalization and the
+  layers' channels, an ``embedding`` of ``random`` (or none: a store written
+  before it was a choice) with its ``channels``, or ``orthogonal`` with its
+  ``projection_digest`` and no channels, the pointers of the state, the finalization and the
   ledger well-formed names, ``schema_version`` from 1 to what this version
   writes). The optional ``calibration`` attribute is None or a record
   :meth:`padim_ooc.calibration.Calibration.from_attrs` accepts. Keys this
@@ -13,7 +15,7 @@ from a bucket), so nothing in a store is trusted before it is checked:
   may add one without a new schema version; ``info`` prints them as JSON).
 - :func:`check_array`, whenever an array of the store is opened: its shape and
   dtype against the configuration (``P = grid[0] * grid[1]`` positions,
-  ``dims`` channels), so that a final array with more positions than the grid
+  ``dims`` channels; ``embedding/projection`` (F, d) float64), so that a final array with more positions than the grid
   is an error instead of being cut.
 - :func:`check_no_links`, once when a local store is opened: no symbolic
   link anywhere inside it (a link would make a checkpoint or the removal of
@@ -34,6 +36,7 @@ _STATE = re.compile(r"state-([0-9]{6,10})")
 # final-<seq>-<k>; stores written before the counter: final-<seq> or final-<seq>b, and no 'finals'
 _FINAL = re.compile(r"final-([0-9]{6,10})(?:b|-([0-9]{1,10}))?")
 _SEGMENT = re.compile(r"[0-9]{6,10}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_COUNT = 10**9  # checkpoints, finalizations: names stay within the patterns above
 MAX_IMAGES = 2**53  # counts stay exact in float64
 # the most positions x channels a store may claim: a (P, d, d) float32 array of this is 400 GB
@@ -125,10 +128,20 @@ def check_attrs(attrs: Any, path: str, supported: int) -> dict:
             f"a list of {len(layers)} channel counts (one per layer)", length=len(layers))
     total = sum(attrs["layer_channels"])
     dims = c.int_("dims", 1, total)
-    channels = c.list_("channels", lambda x: _is_int(x) and 0 <= x < total,
-                       f"a list of {dims} distinct channel indices from 0 to {total - 1}", length=dims)
-    if len(set(channels)) != len(channels):
-        c.fail("channels", f"a list of {dims} distinct channel indices from 0 to {total - 1}")
+    # stores written before the embedding was a choice have none: random
+    embedding = c.get("embedding", lambda v: v in ("random", "orthogonal"), "'random' or 'orthogonal' or null",
+                      optional=True)
+    if embedding == "orthogonal":
+        c.get("channels", lambda v: v is None, "null (an orthogonal embedding keeps no channel subset)",
+              optional=True)
+        c.str_("projection_digest", _DIGEST, what="a digest like 'sha256:<64 hex digits>'")
+    else:
+        channels = c.list_("channels", lambda x: _is_int(x) and 0 <= x < total,
+                           f"a list of {dims} distinct channel indices from 0 to {total - 1}", length=dims)
+        if len(set(channels)) != len(channels):
+            c.fail("channels", f"a list of {dims} distinct channel indices from 0 to {total - 1}")
+        c.get("projection_digest", lambda v: v is None, "null (a random embedding has no projection)",
+              optional=True)
     c.get("seed", _is_int, "an integer", optional=True)
     c.str_("weights")
     c.str_("weights_digest")
@@ -193,6 +206,8 @@ def expected_array(attrs: dict, group: str, name: str) -> tuple[tuple[int, ...] 
     p, d = attrs["grid"][0] * attrs["grid"][1], attrs["dims"]
     if group in SEGMENT_WIDTH:
         return SEGMENT_WIDTH[group], "uint8"
+    if group == "embedding":  # the projection of an orthogonal embedding: (F, d)
+        return (sum(attrs["layer_channels"]), d), "float64"
     dtype = "float32" if group.startswith("final-") else "float64"
     shape = (p, d) if name == "mean" else (p, d, d)
     return shape, dtype
