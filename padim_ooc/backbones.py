@@ -14,7 +14,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import PadimError
-from .lite import VARIANTS as LITE_VARIANTS, is_lite
+from .lite import LITE_MEAN, LITE_STD, VARIANTS as LITE_VARIANTS, build_lite, is_lite, lite_weights_path
 
 DEFAULT_LAYERS = {
     "resnet18": ["layer1", "layer2", "layer3"],
@@ -47,8 +47,6 @@ def _check_name(name: str) -> None:
 def normalization(name: str) -> tuple[tuple, tuple]:
     """(mean, std) of the input normalisation the backbone's pretrained weights expect."""
     if is_lite(name):
-        from .lite import LITE_MEAN, LITE_STD
-
         return tuple(LITE_MEAN), tuple(LITE_STD)
     return IMAGENET_MEAN, IMAGENET_STD
 
@@ -56,8 +54,6 @@ def normalization(name: str) -> tuple[tuple, tuple]:
 def _classifier(name: str, weights: str | None, seed: int) -> tuple[torch.nn.Module, str]:
     """The full model with its weights, and the identity of those weights."""
     if is_lite(name):
-        from .lite import build_lite, lite_weights_path
-
         if weights in (None, "none"):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

@@ -86,8 +86,9 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
         Its ``metrics`` are in ``out_dir/report/metrics.json`` (``timings``
         there include the fit, ``fit_s``).
     info : dict
-        ``split`` (counts), ``n_fitted`` and ``n_held_out`` (training normals in the statistics and
-        calibrated on), ``fit_s``, ``total_s``, ``report`` (path of report.html).
+        ``split`` (counts), ``cell_type``, ``preset``, ``full``, ``n_fitted`` and ``n_held_out``
+        (training normals in the statistics and calibrated on), ``fit_s``, ``total_s``, ``report``
+        (path of report.html).
     """
     t0 = time.perf_counter()
     from .elpv import prepare_elpv
@@ -126,7 +127,8 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
     ev.metrics["timings"] = {"fit_s": round(t_fit, 3), **ev.metrics["timings"]}
     report = ev.write(out / "report", overwrite=ours)  # an earlier demo's report: replaced whole
     info = {"split": {k: split[k] for k in ("n_train", "n_test_good", "n_test_defect")},
-            "cell_type": cell_type, "preset": preset, "full": full, "fit_s": round(t_fit, 2), "n_fitted": model.n_images,
+            "cell_type": cell_type, "preset": preset, "full": full, "fit_s": round(t_fit, 2),
+            "n_fitted": model.n_images,
             "n_held_out": (model.store.calibration().n if model.store.calibration() is not None else 0),
             "total_s": round(time.perf_counter() - t0, 2), "report": str(report)}
     return ev, info
