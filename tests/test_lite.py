@@ -151,3 +151,19 @@ def test_benchmark_overrides_know_the_lite1_preset():
     assert overrides(small, "lite1") == ["resize 64 (preset: 274)", "crop 64 (preset: 240)",
                                          "random weights (preset: ImageNet)"]
     assert "no EfficientNet-Lite1 results" in NO_PAPER_NUMBERS["lite1"]
+
+
+def test_a_lite2_model_exports_to_onnx_and_scores_like_pytorch(tiny, tmp_path):
+    """The deeper, wider variant traces and exports as Lite0 does (random weights, crop 64)."""
+    pytest.importorskip("onnxruntime")
+    from conftest import rel
+    from padim_ooc.export.exporter import export_model
+    from padim_ooc.export.runtime import Scorer
+
+    train, test = tiny
+    ex = Extractor("efficientnet_lite2", weights=None, seed=0, resize=72, crop=64, device="cpu")
+    fit(train, tmp_path / "m.zarr", extractor=ex, batch_size=4, loader_workers=0, progress=False)
+    export_model(tmp_path / "m.zarr", tmp_path / "x", format="onnx")
+    s0, _ = score_files(tmp_path / "m.zarr", test, batch_size=3, device="cpu", loader_workers=0)
+    got = Scorer(tmp_path / "x", engine="onnxruntime", threads=2).score(test, batch_size=3)["scores"]
+    assert rel(got, s0) <= 1e-4, rel(got, s0)
