@@ -1,4 +1,4 @@
-"""Backbones: a torchvision (or EfficientNet-Lite0) model cut after the last layer needed.
+"""Backbones: a torchvision (or EfficientNet-Lite) model cut after the last layer needed.
 
 ``build(name, layers, weights, seed)`` returns a module whose forward gives a
 dict ``{layer: feature map}`` and a string that identifies the weights.
@@ -14,6 +14,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .errors import PadimError
+from .lite import LITE_MEAN, LITE_STD, VARIANTS as LITE_VARIANTS, build_lite, is_lite, lite_weights_path
 
 DEFAULT_LAYERS = {
     "resnet18": ["layer1", "layer2", "layer3"],
@@ -24,14 +25,13 @@ DEFAULT_LAYERS = {
 }
 DEFAULT_DIMS = {"resnet18": 100, "wide_resnet50_2": 550}
 LITE0 = "efficientnet_lite0"
+"""The first EfficientNet-Lite backbone; :data:`padim_ooc.lite.VARIANTS` has them all."""
 
 
 def default_layers(name: str) -> list[str]:
     """The layers PaDiM takes for ``name`` (its first three stages)."""
-    if name == LITE0:
-        from .lite0 import LITE0_NODES
-
-        return list(LITE0_NODES)
+    if is_lite(name):
+        return list(LITE_VARIANTS[name].nodes)
     _check_name(name)
     if name not in DEFAULT_LAYERS:
         raise PadimError(f"no default layers for backbone {name!r}: pass --layers (node names)")
@@ -39,32 +39,28 @@ def default_layers(name: str) -> list[str]:
 
 
 def _check_name(name: str) -> None:
-    if name != LITE0 and name not in list_models():
+    if not is_lite(name) and name not in list_models():
         raise PadimError(f"unknown backbone {name!r}: use a torchvision classification model "
-                         f"name (e.g. resnet18, wide_resnet50_2) or {LITE0}")
+                         f"name (e.g. resnet18, wide_resnet50_2) or one of {', '.join(LITE_VARIANTS)}")
 
 
 def normalization(name: str) -> tuple[tuple, tuple]:
     """(mean, std) of the input normalisation the backbone's pretrained weights expect."""
-    if name == LITE0:
-        from .lite0 import LITE0_MEAN, LITE0_STD
-
-        return tuple(LITE0_MEAN), tuple(LITE0_STD)
+    if is_lite(name):
+        return tuple(LITE_MEAN), tuple(LITE_STD)
     return IMAGENET_MEAN, IMAGENET_STD
 
 
 def _classifier(name: str, weights: str | None, seed: int) -> tuple[torch.nn.Module, str]:
     """The full model with its weights, and the identity of those weights."""
-    if name == LITE0:
-        from .lite0 import build_lite0, lite0_weights_path
-
+    if is_lite(name):
         if weights in (None, "none"):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return build_lite0(pretrained=False), f"random:seed={seed}"
+                return build_lite(name, pretrained=False), f"random:seed={seed}"
         if weights == "default":
-            return build_lite0(pretrained=True), "file:" + file_hash(lite0_weights_path())
-        model = build_lite0(pretrained=False)
+            return build_lite(name, pretrained=True), "file:" + file_hash(lite_weights_path(name))
+        model = build_lite(name, pretrained=False)
         return model, _load_file(model, Path(weights))
     _check_name(name)
     if weights in (None, "none"):

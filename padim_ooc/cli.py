@@ -160,14 +160,15 @@ def _image_bytes(text: Optional[str]) -> dict:
     value = _bytes(text, "--max-image-bytes")
     return {} if value is None else {"max_image_bytes": value}
 PresetOpt = typer.Option(None, "--preset", help="r18-rd100 (resnet18, 100 channels), wr50-rd550 "
-                         "(wide_resnet50_2, 550) or lite0 (efficientnet_lite0, all 176); explicit options override it.")
+                         "(wide_resnet50_2, 550), lite0 / lite1 (efficientnet_lite0 / 1, all 176) or lite2 "
+                         "(efficientnet_lite2, all 192); explicit options override it.")
 
 
 @command
 def fit(
     data: List[str] = DataArg,
     model: str = typer.Option(..., "--model", help="Model store (Zarr); created or extended."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help=f"torchvision model name or efficientnet_lite0 [{DEFAULT_BACKBONE}]."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help=f"torchvision model name or efficientnet_lite0, _lite1, _lite2 [{DEFAULT_BACKBONE}]."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layer names [first three stages]."),
     embedding: Optional[str] = typer.Option(None, "--embedding", help="random (keep --dims seeded random channels, PaDiM) or orthogonal (project the channels on --dims seeded orthonormal directions, Kim et al. 2021) [random]."),
     dims: Optional[int] = typer.Option(None, "--dims", min=1, help="Dimension of a patch embedding [100 for resnet18, 550 for wide_resnet50_2, else all channels]."),
@@ -480,7 +481,7 @@ app.add_typer(benchmark_app, name="benchmark")
 def mvtec(
     root: Path = typer.Argument(..., help="MVTec AD root (one folder per class) or one class folder."),
     out: Path = typer.Option(..., "--out", help="Output folder: <class>/ (model, report), benchmark.md/.csv/.json."),
-    preset: Optional[str] = typer.Option("r18-rd100", "--preset", help="r18-rd100, wr50-rd550 or lite0."),
+    preset: Optional[str] = typer.Option("r18-rd100", "--preset", help="r18-rd100, wr50-rd550, lite0, lite1 or lite2."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated class names [all found]."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Override the preset's backbone."),
     dims: Optional[int] = typer.Option(None, "--dims", min=1, help="Override the preset's channel count."),
@@ -512,21 +513,24 @@ def demo(
     out: Path = typer.Option(Path("padim_ooc_demo"), "--out", help="Working folder: images, model, report/."),
     full: bool = typer.Option(False, "--full", help="The whole split instead of the quick subset."),
     cell_type: str = typer.Option("mono", "--cell-type", help="mono or poly solar cells."),
+    preset: str = typer.Option("lite0", "--preset", help="lite0, lite1 or lite2: the EfficientNet-Lite "
+                               "backbone (input 224, 240 or 256, the whole cell)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train/test split."),
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     loader_workers: Optional[int] = LoaderOpt,
     quiet: bool = QuietOpt,
 ):
-    """Offline demo: ELPV solar cells, EfficientNet-Lite0, image AUROC and a report."""
+    """Offline demo: ELPV solar cells, EfficientNet-Lite0 (or Lite1, Lite2), image AUROC and a report."""
     from .recipes.demo import run_demo
 
     if cell_type not in ("mono", "poly"):
         raise PadimError(f"--cell-type must be mono or poly, not {cell_type!r}")
-    ev, info = run_demo(out, full=full, cell_type=cell_type, seed=seed, batch_size=batch_size, device=device,
-                        loader_workers=loader_workers, progress=not quiet)
+    ev, info = run_demo(out, full=full, cell_type=cell_type, preset=preset, seed=seed, batch_size=batch_size,
+                        device=device, loader_workers=loader_workers, progress=not quiet)
     s = info["split"]
-    typer.echo(f"image AUROC {ev.metrics['image_auroc']:.4f} on ELPV {cell_type} cells "
+    backbone = "" if preset == "lite0" else f" with {preset}"  # the default's line as the README quotes it
+    typer.echo(f"image AUROC {ev.metrics['image_auroc']:.4f} on ELPV {cell_type} cells{backbone} "
                f"({s['n_test_good']} good + {s['n_test_defect']} defective test cells, fitted on "
                f"{info['n_fitted']} good cells) in {info['total_s']:.0f} s")
     d = ev.metrics.get("decision")

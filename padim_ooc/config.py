@@ -56,8 +56,8 @@ class ModelConfig:
     Parameters
     ----------
     backbone : str, optional
-        A torchvision classification model name or ``efficientnet_lite0``
-        [``resnet18``].
+        A torchvision classification model name or ``efficientnet_lite0``,
+        ``efficientnet_lite1``, ``efficientnet_lite2`` [``resnet18``].
     layers : tuple of str, optional
         Nodes whose maps are concatenated [the backbone's first three stages].
     embedding : str, optional
@@ -217,20 +217,19 @@ def weights_identity(backbone: str, weights: str, seed: int | None = None) -> st
 
     ``none`` -> ``random:seed=S`` (``random:`` if ``seed`` is None),
     ``default`` / ``torchvision:NAME`` -> ``torchvision:<enum member>``
-    (EfficientNet-Lite0's ``default``: ``file:<sha256>`` of the installed
+    (an EfficientNet-Lite's ``default``: ``file:<sha256>`` of the installed
     file), a file -> ``file:<sha256>``; an identity is returned as it is.
     None for a file that does not exist (loading it says so).
     """
-    from .backbones import LITE0, file_hash, torchvision_weights
+    from .backbones import file_hash, torchvision_weights
+    from .lite import is_lite, lite_weights_path
 
     if weights == "none":
         return "random:" if seed is None else f"random:seed={seed}"
     if weights.startswith(("random:", "file:")):
         return weights
-    if backbone == LITE0 and weights == "default":
-        from .lite0 import lite0_weights_path
-
-        return "file:" + file_hash(lite0_weights_path())
+    if is_lite(backbone) and weights == "default":
+        return "file:" + file_hash(lite_weights_path(backbone))
     if weights == "default" or weights.startswith("torchvision:"):
         return f"torchvision:{torchvision_weights(backbone, weights)}"
     path = Path(weights)
@@ -262,8 +261,8 @@ def weights_source(config: ModelConfig, weights: str | None = None) -> str:
     """Where the weights of a fitted ``config`` are loaded from: ``weights`` if given (a file
     whose hash is checked against the model's digest), else what its identity names
     (``random:seed=S`` re-draws them, ``torchvision:<member>`` loads that member, the installed
-    EfficientNet-Lite0 file); a model fitted with another local file needs that file."""
-    from .backbones import LITE0
+    EfficientNet-Lite file); a model fitted with another local file needs that file."""
+    from .lite import is_lite
 
     if weights is not None:
         return weights
@@ -272,7 +271,7 @@ def weights_source(config: ModelConfig, weights: str | None = None) -> str:
         return "none"
     if wid.startswith("torchvision:"):
         return wid
-    if config.backbone == LITE0:
+    if is_lite(config.backbone):
         return "default"
     raise PadimError(f"this model was fitted with a local weights file ({wid}); "
                      "pass the same file with --weights PATH")

@@ -179,7 +179,8 @@ class Extractor:
     ----------
     backbone : str, optional
         A torchvision classification model name (``resnet18``,
-        ``wide_resnet50_2``, ...) or ``efficientnet_lite0`` [resnet18].
+        ``wide_resnet50_2``, ...) or ``efficientnet_lite0`` / ``_lite1`` /
+        ``_lite2`` [resnet18].
     layers : list of str, optional
         Node names whose maps are concatenated [the first three stages].
     embedding : str, optional

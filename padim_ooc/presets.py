@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import DEFAULT_BACKBONE, DEFAULT_CROP, DEFAULT_RESIZE, DEFAULT_WEIGHTS, ModelConfig
 from .errors import PadimError
+from .lite import VARIANTS as LITE_VARIANTS
 
 # The paper used torchvision's original ImageNet weights (V1); torchvision's default for
 # wide_resnet50_2 is now IMAGENET1K_V2, so the presets name V1 explicitly.
@@ -20,14 +21,19 @@ PRESETS: dict[str, ModelConfig] = {
                              weights="torchvision:ResNet18_Weights.IMAGENET1K_V1"),
     "wr50-rd550": ModelConfig(backbone="wide_resnet50_2", dims=550, resize=256, crop=224,
                               weights="torchvision:Wide_ResNet50_2_Weights.IMAGENET1K_V1"),
-    # EfficientNet-Lite0: all 24 + 40 + 112 = 176 channels of stages 2, 3 and 5.
-    "lite0": ModelConfig(backbone="efficientnet_lite0", dims=None, resize=256, crop=224, weights="default"),
+    # EfficientNet-Lite0, -Lite1, -Lite2 (padim_ooc.lite.VARIANTS): all channels of their three nodes
+    # (176, 176, 192), crop = the variant's input size (Lite2: 256, not its 260), resize = crop / 0.875:
+    # lite0 256 -> 224, lite1 274 -> 240, lite2 293 -> 256.
+    **{f"lite{name[-1]}": ModelConfig(backbone=name, dims=None, resize=v.resize, crop=v.image_size,
+                                      weights="default") for name, v in LITE_VARIANTS.items()},
 }
 
 PAPER_MVTEC_MEAN: dict[str, dict[str, float | None]] = {
     "r18-rd100": {"image_auroc": None, "pixel_auroc": 96.7, "pro": 91.7},
     "wr50-rd550": {"image_auroc": 95.3, "pixel_auroc": 97.5, "pro": 92.1},
     "lite0": {"image_auroc": None, "pixel_auroc": None, "pro": None},
+    "lite1": {"image_auroc": None, "pixel_auroc": None, "pro": None},
+    "lite2": {"image_auroc": None, "pixel_auroc": None, "pro": None},
 }
 """PaDiM's published MVTec AD means (percent). R18-Rd100's PRO is also transcribed as 90.1."""
 

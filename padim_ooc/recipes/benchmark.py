@@ -18,19 +18,20 @@ from typing import Sequence
 import numpy as np
 
 from ..api import fit
-from ..backbones import LITE0, file_hash, torchvision_weights
+from ..backbones import file_hash, torchvision_weights
 from ..errors import PadimError
 from ..evaluation.evaluate import evaluate
 from ..extractor import Extractor
 from ..evaluation.layouts import find_classes, find_layout
-from ..lite0 import lite0_weights_path
+from ..lite import is_lite, lite_weights_path
 from ..presets import PAPER_MVTEC_MEAN, PRESETS, weights_for
 
 METRICS = ("image_auroc", "pixel_auroc", "pro")
 HEADERS = ("image AUROC", "pixel AUROC", "PRO")
 MVTEC_CLASSES = 15  # the paper's means are over the 15 MVTec AD classes
-NO_PAPER_NUMBERS = {"lite0": "The paper published no EfficientNet-Lite0 results (its EfficientNet "
-                             "row is B5, image AUROC 97.9 only): nothing to compare with."}
+NO_PAPER_NUMBERS = {name: f"The paper published no EfficientNet-Lite{name[-1]} results (its EfficientNet "
+                          "row is B5, image AUROC 97.9 only): nothing to compare with."
+                    for name in ("lite0", "lite1", "lite2")}
 
 
 def benchmark_mvtec(root: str | os.PathLike, out: str | os.PathLike, extractor: Extractor, *,
@@ -118,18 +119,18 @@ def overrides(extractor: Extractor, preset: str) -> list[str]:
 def _weights_override(extractor: Extractor, preset_weights: str) -> str | None:
     """How the extractor's weights differ from ``preset_weights`` (the preset's for
     its backbone), or None. torchvision weights are compared as enum members, the
-    EfficientNet-Lite0 file by hash; nothing is downloaded."""
+    EfficientNet-Lite file by hash; nothing is downloaded."""
     wid, backbone = extractor.weights_id, extractor.backbone
     if wid.startswith("random:"):
         return "random weights (preset: ImageNet)"
-    if backbone == LITE0:
+    if is_lite(backbone):
         try:
-            installed = "file:" + file_hash(lite0_weights_path())
+            installed = "file:" + file_hash(lite_weights_path(backbone))
         except (PadimError, OSError):  # the weights package is not installed: these are another file
             installed = None
         if preset_weights == "default" and wid == installed:
             return None
-        return "weights from a file (preset: the installed EfficientNet-Lite0 ImageNet weights)"
+        return f"weights from a file (preset: the installed EfficientNet-Lite{backbone[-1]} ImageNet weights)"
     want = torchvision_weights(backbone, preset_weights)
     if wid.startswith("file:"):
         return f"weights from a file (preset: {want})"

