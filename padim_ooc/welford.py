@@ -251,12 +251,17 @@ def _syrk32_lower_(m2: torch.Tensor, rows: torch.Tensor, correction: tuple[torch
     if correction is not None:
         delta, weight = correction[0].contiguous().numpy(), float(correction[1])
     groups = _rank_groups(a.shape[1])
-    for i in range(out.shape[0]):
-        for lo, hi in groups:
-            ssyrk(1.0, a[i, lo:hi].T, beta=0.0, c=scratch.T, trans=0, lower=0, overwrite_c=1)
-            out[i] += scratch
-        if delta is not None:
-            dsyr(weight, delta[i], lower=0, a=out[i].T, overwrite_a=1)
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
+    # one BLAS thread: these small ssyrk calls alternate with single-threaded adds, and a
+    # second OpenBLAS thread made the loop 1.8x slower at d = 550 (docs/benchmarks.md)
+    with threadpool_limits(1, user_api="blas"):
+        for i in range(out.shape[0]):
+            for lo, hi in groups:
+                ssyrk(1.0, a[i, lo:hi].T, beta=0.0, c=scratch.T, trans=0, lower=0, overwrite_c=1)
+                out[i] += scratch
+            if delta is not None:
+                dsyr(weight, delta[i], lower=0, a=out[i].T, overwrite_a=1)
 
 
 def _syrk_lower_(m2: torch.Tensor, rows: torch.Tensor) -> None:

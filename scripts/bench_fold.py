@@ -12,6 +12,7 @@ positions are independent); the time is scaled to all P. Output: one JSON line p
 
     python scripts/bench_fold.py                      # d=550 (wr50-rd550) and d=100 (r18-rd100)
     python scripts/bench_fold.py --dims 550 --positions 128 --folds 3
+    python scripts/bench_fold.py --threads 1          # one core: less sensitive to a busy machine
 """
 from __future__ import annotations
 
@@ -73,7 +74,14 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="*", default=list(PRESETS))
     ap.add_argument("--positions", type=int, default=None, help="positions folded (default: 128 at d=550, 512 at d=100)")
     ap.add_argument("--folds", type=int, default=3, help="timed folds per case (median reported)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch and BLAS threads (default: as a fit runs, torch's and OpenBLAS's own)")
     args = ap.parse_args()
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)  # scipy's OpenBLAS (syrk) too
     for dims in args.dims:
         for fold in FOLDS:
             print(json.dumps(run(dims, args.positions or PRESETS.get(dims, 256), args.folds, fold)), flush=True)
