@@ -201,6 +201,9 @@ def fit(
     fpr: Optional[float] = typer.Option(None, "--fpr", show_default=False, help="False-alarm rate of the "
                                         f"calibration on the held-out images [the model's, {DEFAULT_FPR}]."),
     max_image_bytes: Optional[str] = MaxImageOpt,
+    fold: str = typer.Option("float64", "--fold", help="float64 or float32: how each batch is folded into "
+                             "the float64 statistics. float32 forms the batch's scatter with float32 products "
+                             "(0.6x the fold's time at d=100, 0.9x at d=550 on 2 CPU cores) for ~1e-7 relative error instead of ~1e-15."),
 ):
     """Fit a model on normal images (or add unseen images to an existing one)."""
     from .config import ModelConfig
@@ -213,7 +216,7 @@ def fit(
                          cluster=_cluster(workers, scheduler, tls_ca_file, tls_cert, tls_key),
                          checkpoint_every=checkpoint_every, max_memory=_bytes(max_memory),
                          finalize=not no_finalize, eps=eps, shrinkage=shrinkage, holdout=holdout, fpr=fpr,
-                         **_image_bytes(max_image_bytes))
+                         fold=fold, **_image_bytes(max_image_bytes))
     asked = ModelConfig(backbone=backbone, layers=_layers(layers), embedding=embedding, dims=dims, seed=seed,
                         weights=weights, resize=resize, crop=crop)
     if preset is not None:  # the preset's fields, overridden by those given explicitly

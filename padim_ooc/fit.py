@@ -12,7 +12,7 @@
 3. finalize, if asked, on the same store (still locked) and the same cluster.
 
 :func:`fold_images` is the one loop: batches of features folded into float64
-statistics (:class:`padim_ooc.welford.Folder`), one pass over the images per
+statistics (:class:`padim_ooc.welford.Folder`, with the fold mode ``options.fold``), one pass over the images per
 block of positions of the memory plan (one block: one pass), checkpointed as it
 goes; which images are folded in is decided by :class:`RunLedger`, the same rule
 for a one-process fit and for every shard of a sharded one.
@@ -40,7 +40,7 @@ from .memory import MemoryPlan, default_budget, plan_memory, tune_allocator
 from .options import FitOptions, eps_for, shrinkage_for
 from .progress import bar
 from .store import ModelStore, lock, store_exists
-from .welford import Folder
+from .welford import DEFAULT_FOLD, Folder
 
 log = logging.getLogger("padim_ooc")
 
@@ -181,7 +181,7 @@ def run_fit(sources: Sequence[str | os.PathLike], model: str | os.PathLike, opti
     with FitTarget.open(model, options, config=config, extractor=extractor) as target:
         store = target.store
         if options.max_memory:  # fails early if the budget cannot hold one batch
-            memory_plan(target.config, options.batch_size, options.max_memory)
+            memory_plan(target.config, options.batch_size, options.max_memory, options.fold)
         paths, identities, cached = recognised(paths, store)  # unchanged images held: not read again
         with options.cluster.open(store.path) as client:
             if client is None:
@@ -251,7 +251,7 @@ def fit_here(target: FitTarget, paths: list[Path], options: FitOptions,
     :func:`fold_images` over every image (``identities``: see :func:`fold_images`)."""
     extractor = target.get_extractor()
     budget = options.max_memory or default_budget(extractor.device)
-    plan = memory_plan(target.config, options.batch_size, budget)
+    plan = memory_plan(target.config, options.batch_size, budget, options.fold)
     log.info(plan.describe())
     if options.progress:
         print(plan.describe(), file=sys.stderr, flush=True)
@@ -290,13 +290,13 @@ def fold_samples(positions: int, dims: int, batch_size: int) -> int:
     return min(FOLD_MAX_IMAGES, max(batch_size, FOLD_BYTES // (positions * dims * 4)))
 
 
-def memory_plan(config: ModelConfig | dict, batch_size: int, budget: int) -> MemoryPlan:
+def memory_plan(config: ModelConfig | dict, batch_size: int, budget: int, fold: str = DEFAULT_FOLD) -> MemoryPlan:
     """The plan a fit of ``config``'s model (``grid``, ``dims`` and ``crop`` are used)
-    makes for a memory ``budget`` in bytes."""
+    with the ``fold`` mode (:data:`padim_ooc.welford.FOLDS`) makes for a memory ``budget`` in bytes."""
     config = ModelConfig.of(config)
     positions, dims = config.grid[0] * config.grid[1], config.dims
     return plan_memory(positions, dims, batch_size=batch_size, crop=config.crop, budget=budget,
-                       fold_samples=fold_samples(positions, dims, batch_size))
+                       fold_samples=fold_samples(positions, dims, batch_size), fold=fold)
 
 
 class RunLedger:
@@ -420,7 +420,7 @@ def fold_images(store: ModelStore, extractor: Extractor, paths: Sequence[Path], 
                     break
                 if not single:
                     acc = store.load_moments(device=device, start=start, stop=stop)
-                folder = Folder(acc, max_samples=fold)
+                folder = Folder(acc, max_samples=fold, fold=options.fold)
                 for indices, digests, images, ok, errors in loader(dataset, batch, workers=options.loader_workers,
                                                                     device=device.type):
                     indices = [first + i for i in indices]

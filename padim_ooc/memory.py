@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 
 from .errors import PadimError
-from .welford import fold_plan
+from .welford import DEFAULT_FOLD, fold_plan, fold_row_bytes
 
 # share of the available memory a fit plans to use when no budget is given
 MEMORY_MARGIN = 0.8
@@ -105,22 +105,24 @@ class MemoryPlan:
 
 
 def plan_memory(positions: int, dims: int, *, batch_size: int, crop: int, budget: int,
-                fold_samples: int | None = None) -> MemoryPlan:
+                fold_samples: int | None = None, fold: str = DEFAULT_FOLD) -> MemoryPlan:
     """Choose between one pass and position blocks for a memory ``budget`` (bytes).
 
     The accumulator takes ``P (d^2 + d) 8`` bytes; one batch in flight about
     ``batch_size crop^2 ACTIVATION_BYTES_PER_PIXEL`` for the backbone, twice
-    the buffered float32 features (``fold_samples P d 4``) and the float64
-    work rows of one fold block (:func:`padim_ooc.welford.fold_plan`). When
+    the buffered float32 features (``fold_samples P d 4``) and the work space
+    of one fold block (:func:`padim_ooc.welford.fold_plan`: float64 rows, and for
+    the ``float32`` fold its float32 rows and scratch matrices). When
     both do not fit, the positions are split into the fewest equal blocks
     whose accumulators fit beside the working memory.
     """
     per_position = (dims * dims + dims) * 8
     accumulator = positions * per_position
-    fold = max(batch_size, fold_samples or batch_size)
+    samples = max(batch_size, fold_samples or batch_size)
+    block, lower_only = fold_plan(positions, dims, samples, fold=fold)
     working = (batch_size * crop * crop * ACTIVATION_BYTES_PER_PIXEL
-               + 2 * fold * positions * dims * 4
-               + fold_plan(positions, dims, fold)[0] * (fold + 1) * dims * 8)
+               + 2 * samples * positions * dims * 4
+               + block * fold_row_bytes(dims, samples, fold, lower_only))
     if accumulator + working <= budget:
         return MemoryPlan(budget, accumulator, working, positions, positions)
     room = budget - working

@@ -30,6 +30,23 @@ def test_plan_arithmetic():
         plan_memory(3136, 550, batch_size=32, crop=224, budget=big.working)
 
 
+@pytest.mark.parametrize("dims", [100, 550])
+def test_plan_counts_the_float32_fold_buffers(dims):
+    """The float32 fold's work space (float32 rows, and scratch matrices below SYRK_MIN_DIMS)
+    is in the working memory: block positions times fold_row_bytes of that mode."""
+    from padim_ooc.fit import fold_samples
+    from padim_ooc.welford import fold_plan, fold_row_bytes
+
+    samples = fold_samples(3136, dims, 32)
+    plans = {fold: plan_memory(3136, dims, batch_size=32, crop=224, budget=2**40, fold_samples=samples, fold=fold)
+             for fold in ("float64", "float32")}
+    fixed = 32 * 224 * 224 * 256 + 2 * samples * 3136 * dims * 4
+    for fold, plan in plans.items():
+        block, lower = fold_plan(3136, dims, samples, fold=fold)
+        assert plan.working == fixed + block * fold_row_bytes(dims, samples, fold, lower)
+    assert plans["float32"].accumulator == plans["float64"].accumulator  # float64 statistics either way
+
+
 def tiny_budget(extractor, batch_size, blocks):
     """A budget under which the fit needs ``blocks`` position blocks."""
     plan = memory_plan(extractor.config(), batch_size, 2**50)

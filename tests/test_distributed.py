@@ -239,6 +239,19 @@ def test_sharded_fit_equals_one_process(cluster, tmp_path, image_dir, extractor,
     assert b.store.ledger() == a.store.ledger()
 
 
+def test_sharded_fit_with_the_float32_fold(cluster, tmp_path, image_dir, extractor):
+    """``fold="float32"`` reaches the shards: within 1e-6 (not 1e-10: it rounds) of the two-pass
+    float64 statistics of the features the workers compute."""
+    client, _ = cluster
+    summary = fit_summary([image_dir], tmp_path / "sharded.zarr", extractor, client=client, batch_size=5,
+                          shards=2, device="cpu", fold="float32")
+    assert summary.n_images == 40
+    b = po.open_model(tmp_path / "sharded.zarr")
+    mean, cov = exact_stats_on(client, b.store.config, list_images([image_dir]), 5)
+    err = rel(b.covariance(), cov)
+    assert rel(b.mean, mean) <= 1e-6 and 1e-12 < err <= 1e-6
+
+
 def test_api_fit_on_a_client_equals_one_process(cluster, tmp_path, image_dir, extractor):
     """``padim_ooc.fit(..., client=)``: sharded fit, merge and finalize on the cluster."""
     client, _ = cluster

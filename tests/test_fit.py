@@ -113,3 +113,40 @@ def test_checkpoint_clock_spaces_automatic_checkpoints():
     assert not auto(10 * AUTO_CHECKPOINT_IMAGES)  # too soon after a 20 ms write (needs SPACING x 20 ms)
     time.sleep(CHECKPOINT_SPACING * 0.02 + 0.3)
     assert auto(AUTO_CHECKPOINT_IMAGES)
+
+
+def test_float32_fold_fit_is_within_1e6_of_two_pass(tmp_path, image_dir, extractor):
+    """``fit(fold="float32")``: the same features, statistics within 1e-6 relative of their
+    two-pass float64 statistics (the float64 fold stays within 1e-9 above)."""
+    model = po.fit([image_dir], tmp_path / "m.zarr", extractor=extractor, batch_size=7, loader_workers=0,
+                   fold="float32")
+    mean, cov = exact_stats(extractor, list_images([image_dir]), 7)
+    assert model.n_images == 40 and model.finalized
+    assert rel(model.mean, mean) <= 1e-6
+    assert rel(model.covariance(), cov) <= 1e-6
+
+
+SMALL = ["--weights", "none", "--resize", "40", "--crop", "32", "--batch-size", "8", "--loader-workers", "0", "-q"]
+
+
+def test_cli_fit_with_the_float32_fold_opens_and_scores(tmp_path, image_dir, capsys):
+    from conftest import cli_json
+
+    model = tmp_path / "m.zarr"
+    out = cli_json(capsys, "fit", image_dir / "a", "--model", model, *SMALL, "--fold", "float32")
+    assert out["added"] == 20 and out["finalized"]
+    opened = po.open_model(model, device="cpu")
+    assert opened.n_images == 20 and np.isfinite(opened.covariance()).all()
+    scored = cli_json(capsys, "score", model, image_dir / "b", "--out", tmp_path / "out", "--loader-workers", "0", "-q")
+    rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
+    assert scored and len(rows) == 21 and all(np.isfinite(float(r.split(",")[1])) for r in rows[1:])
+
+
+def test_unknown_fold_is_a_one_line_cli_error(tmp_path, image_dir, capsys):
+    from conftest import cli_error
+
+    cli_error(capsys, "fit", image_dir / "a", "--model", tmp_path / "m.zarr", *SMALL, "--fold", "float16",
+              text="--fold must be float64 or float32, not 'float16'")
+    assert not (tmp_path / "m.zarr").exists()
+    with pytest.raises(po.PadimError, match="--fold must be float64 or float32"):
+        po.fit([image_dir / "a"], tmp_path / "m.zarr", weights="none", fold="fp32")

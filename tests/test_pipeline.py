@@ -107,6 +107,7 @@ def test_the_cli_help_shows_the_records_defaults(capsys):
     (FitOptions, {"eps": float("nan")}, "eps must be a finite number >= 0"),
     (FitOptions, {"max_memory": 0}, "the memory budget must be positive"),
     (FitOptions, {"device": "tpu"}, "unknown device 'tpu'"),
+    (FitOptions, {"fold": "half"}, "--fold must be float64 or float32, not 'half'"),
     (ScoreOptions, {"sigma": -1.0}, "sigma must be a finite number >= 0"),
     (ScoreOptions, {"loader_workers": -1}, "loader workers must be 0 or more"),
     (Cluster, {"workers": 0}, "--workers must be at least 1"),

@@ -178,3 +178,80 @@ def test_folder_keeps_buffered_samples_when_the_dtype_changes():
     folder.flush()
     assert acc.n == 61
     assert rel(acc.mean, mean_ref) <= 1e-10 and rel(acc.m2, m2_ref) <= 1e-10
+
+
+# ---- the float32 fold: float32 scatter products, float64 means, centring, merges and accumulators
+def _offset_features(d, n, positions=3, seed=11):
+    """float32 features (positions, n, d): correlated dimensions, variance ~1, offset ~1000."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) / np.sqrt(d)
+    x = rng.normal(size=(positions, n, d)) @ mix + 1000 + rng.normal(size=(positions, 1, d))
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("lower_only", [False, True])
+@pytest.mark.parametrize("d", [100, 150])
+@pytest.mark.parametrize("max_samples, sizes", [(1, [1] * 40), (256, [32] * 9 + [12]), (300, [300])],
+                         ids=["batches_of_1", "batches_of_32_folds_of_256", "one_fold_of_300"])
+def test_float32_fold_within_1e6_of_two_pass_float64(d, lower_only, max_samples, sizes):
+    """The float32 fold against numpy two-pass float64 statistics of the very same float32
+    features, offset by 1000: mean and covariance within 1e-6 relative (measured ~2e-7)."""
+    from padim_ooc.welford import Folder
+
+    x = _offset_features(d, sum(sizes))
+    mean_ref, m2_ref = two_pass(x.astype(np.float64))
+    acc = Moments.zeros(x.shape[0], d)
+    folder = Folder(acc, max_samples=max_samples, block=2, lower_only=lower_only, fold="float32")
+    start = 0
+    for size in sizes:
+        folder.add(torch.from_numpy(x[:, start:start + size]))
+        start += size
+    folder.flush()
+    assert acc.n == sum(sizes) and acc.mean.dtype == acc.m2.dtype == torch.float64
+    assert rel(acc.mean, mean_ref) <= 1e-6
+    assert rel(acc.covariance(), m2_ref / (acc.n - 1)) <= 1e-6
+    if lower_only:
+        assert torch.equal(acc.m2, acc.m2.transpose(1, 2))
+
+
+@pytest.mark.parametrize("fold", ["float64", "float32"])
+def test_fold_modes_on_the_same_features(fold):
+    """The same float32 features through both folds: float64 within 1e-10 of two-pass, float32
+    within 1e-6 (and not exact: it does round)."""
+    from padim_ooc.welford import Folder
+
+    x = _offset_features(120, 90, seed=5)
+    mean_ref, m2_ref = two_pass(x.astype(np.float64))
+    acc = Moments.zeros(x.shape[0], 120)
+    folder = Folder(acc, max_samples=64, fold=fold)
+    for lo in range(0, 90, 30):
+        folder.add(torch.from_numpy(x[:, lo:lo + 30]))
+    folder.flush()
+    err = rel(acc.m2, m2_ref)
+    if fold == "float64":
+        assert rel(acc.mean, mean_ref) <= 1e-10 and err <= 1e-10
+    else:
+        assert rel(acc.mean, mean_ref) <= 1e-6 and 1e-12 < err <= 1e-6
+
+
+def test_unknown_fold_is_a_one_line_error():
+    from padim_ooc.errors import PadimError
+    from padim_ooc.welford import FOLDS, Folder, check_fold, fold_plan
+
+    assert FOLDS == ("float64", "float32") and check_fold("float32") == "float32"
+    for call in (lambda: check_fold("float16"), lambda: Folder(Moments.zeros(2, 3), max_samples=4, fold="half"),
+                 lambda: fold_plan(4, 3, 8, fold="fp32")):
+        with pytest.raises(PadimError, match="--fold must be float64 or float32, not") as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+def test_float32_fold_work_space_is_counted():
+    """fold_plan's blocks for the float32 fold hold its float32 rows and scratch too."""
+    from padim_ooc.welford import FOLD_BLOCK_BYTES, fold_plan, fold_row_bytes
+
+    assert fold_row_bytes(100, 63, "float32") == 64 * 100 * 8 + 63 * 100 * 4 + 100 * 100 * 4
+    assert fold_row_bytes(550, 63, "float32", lower_only=True) == 64 * 550 * 8 + 63 * 550 * 4
+    block32, _ = fold_plan(3136, 100, 63, fold="float32")
+    block64, _ = fold_plan(3136, 100, 63)
+    assert block32 < block64 and block32 * fold_row_bytes(100, 63, "float32") <= FOLD_BLOCK_BYTES

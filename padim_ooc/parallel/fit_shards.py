@@ -251,7 +251,8 @@ def fit_shard(paths: Sequence[str], part: str, config: ModelConfig, *, model: st
     fit_log = logging.getLogger("padim_ooc")  # padim_ooc.fit's logger
     fit_log.addFilter(quiet)
     try:
-        plan = memory_plan(config, options.batch_size, options.max_memory or default_budget(options.device))
+        plan = memory_plan(config, options.batch_size, options.max_memory or default_budget(options.device),
+                           options.fold)
         worker.log_event(PLAN_TOPIC, {"plan": plan.describe(), "blocks": plan.blocks})
         parent = ModelStore.open(model)
         known, projection = parent.ledger(), parent.projection()
