@@ -218,6 +218,7 @@ def test_backbone_runs_in_full_float32(extractor):
     assert float((feats.double() - full).abs().max() / full.abs().max()) < 1e-5  # bfloat16: ~1e-2
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 def test_cuda_features_equal_cpu_features_to_float32_rounding(extractor):
     """float32 with TF32 off on the GPU: the CPU's features to float32 rounding (not bit for bit),

@@ -233,6 +233,7 @@ def test_score_cli_every_image_bad_or_on_error_fail(fitted_model, tmp_path, imag
     assert result.exit_code == 2 and sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_default_budget_is_capped_by_free_gpu_memory():
     from padim_ooc.memory import MEMORY_MARGIN, default_budget
@@ -298,3 +299,26 @@ def test_gpu_out_of_memory_is_one_line_naming_what_to_lower(fitted_model, tmp_pa
     line = cli_error(capsys, "score", fitted_model.store.path, image_dir / "b", "--out", tmp_path / "o", "-q",
                      text="the GPU ran out of memory")
     assert "--batch-size" in line and "Tried to allocate 1.80 GiB" in line
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_scores_and_maps_equal_cpu_ones_with_tf32_asked_for(fitted, image_dir):
+    """Scores and maps on CUDA equal the CPU's to float32 rounding although the process asked for TF32
+    (which would move them by ~1e-3): the score path's float32 guard, on the device it is for."""
+    from padim_ooc.extractor import _precision_settings, _set_precision_settings
+
+    paths = list_images([image_dir / "b"])[:8]
+    cpu_scores, cpu_maps = po.open_model(fitted, device="cpu").score(paths, batch_size=4)
+    saved = _precision_settings()
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        gpu_scores, gpu_maps = po.open_model(fitted, device="cuda").score(paths, batch_size=4)
+    finally:
+        _set_precision_settings(saved)
+    assert rel_max(gpu_scores, cpu_scores) < 1e-4 and rel_max(gpu_maps, cpu_maps) < 1e-4
+
+
+def rel_max(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
