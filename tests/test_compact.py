@@ -157,3 +157,16 @@ def test_calibrate_and_evaluate_a_scorer(extractor, tmp_path, capsys):
     # a conformal calibration on normal files: the scorer keeps no ledger, so nothing is left out
     cli_json(capsys, "calibrate", scorer, root / "test" / "good", "--fpr", 0.25, *RUN)
     assert ModelStore.open(scorer).calibration().rule != "f1"
+
+
+def test_export_a_float16_scorer(scorers, fitted_model, image_dir, tmp_path):
+    """``export`` takes a scorer: its graph scores as the scorer does (float16 precision widened)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from padim_ooc.export.exporter import export_model
+    from padim_ooc.export.runtime import Scorer
+
+    export_model(scorers[1], tmp_path / "exp")
+    paths = sorted((image_dir / "b").glob("*.png"))[:6]
+    ref, _ = po.open_model(scorers[1], device="cpu", extractor=fitted_model.extractor).score(paths)
+    assert rel(Scorer(str(tmp_path / "exp")).score(paths)["scores"], ref) < 1e-5  # the export's own noise
