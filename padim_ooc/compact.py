@@ -17,7 +17,7 @@ and ``finalize`` refuse it (it holds no statistics to change).
 Crash-safe: everything is written into a temporary sibling folder of ``out``
 (``.<name>.compact-<pid>``), flushed, opened and checked like any store, and
 only then renamed to ``out``; killed at any moment, ``out`` is either absent or
-complete (a leftover temporary folder is removed by the next compact onto ``out``).
+complete (a compact killed midway leaves only that hidden folder, safe to delete).
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def compact(model: str | os.PathLike, out: str | os.PathLike, float16: bool = Fa
             raise PadimError(f"{source.path} is a scoring-only model already (padim-ooc compact)")
         source.final_arrays()  # not finalized: one line naming finalize
         tmp = _temporary(out)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a compact killed in this process's name
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier process with this pid
         try:
             if source.config.embedding == "orthogonal":  # scoring needs the projection
                 w = source.projection()

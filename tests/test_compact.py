@@ -170,3 +170,29 @@ def test_export_a_float16_scorer(scorers, fitted_model, image_dir, tmp_path):
     paths = sorted((image_dir / "b").glob("*.png"))[:6]
     ref, _ = po.open_model(scorers[1], device="cpu", extractor=fitted_model.extractor).score(paths)
     assert rel(Scorer(str(tmp_path / "exp")).score(paths)["scores"], ref) < 1e-5  # the export's own noise
+
+
+def test_orthogonal_scorer_keeps_its_projection(image_dir, tmp_path):
+    """An orthogonal model's scorer carries ``embedding/projection`` (scoring projects with it)."""
+    ex = po.Extractor("resnet18", weights=None, seed=0, resize=72, crop=64, device="cpu", embedding="orthogonal")
+    model = po.fit([image_dir / "a"], tmp_path / "o.zarr", extractor=ex, batch_size=10, loader_workers=0)
+    po.compact(tmp_path / "o.zarr", tmp_path / "s.zarr")
+    assert sorted(os.listdir(tmp_path / "s.zarr")) == ["embedding", model.attrs["final"], "zarr.json"]
+    paths = sorted((image_dir / "b").glob("*.png"))[:5]
+    scores, maps = po.open_model(tmp_path / "s.zarr", device="cpu").score(paths)
+    ref_scores, ref_maps = model.score(paths)
+    assert np.array_equal(scores, ref_scores) and np.array_equal(maps, ref_maps)
+
+
+def test_float16_overflow_is_refused(tmp_path, capsys):
+    """A precision entry above float16's 65504 (tiny variances, eps 0) is one line, nothing written."""
+    from conftest import synthetic
+    from padim_ooc.finalize import finalize
+
+    x = np.random.default_rng(0).normal(scale=1e-4, size=(15, 6, 4))
+    with synthetic(tmp_path / "m.zarr", x, [bytes([i]) * 16 for i in range(6)]) as store:
+        finalize(store, eps=0.0, scheduler="synchronous")
+    cli_error(capsys, "compact", tmp_path / "m.zarr", "--out", tmp_path / "s.zarr", "--float16",
+              text="overflows float16")
+    assert sorted(os.listdir(tmp_path)) == ["m.zarr"]
+    cli_json(capsys, "compact", tmp_path / "m.zarr", "--out", tmp_path / "s.zarr")  # float32 holds it
