@@ -445,6 +445,20 @@ def export(
 
 
 @command
+def compact(
+    model: str = typer.Argument(..., help="Model store (finalized)."),
+    out: str = typer.Option(..., "--out", help="The scorer's folder (new): a store with only what scoring reads."),
+    float16: bool = typer.Option(False, "--float16", help="Precision matrices stored in float16 (half their "
+                                 "size; scores change by about 1e-4 relative, see README)."),
+):
+    """Write a scoring-only model (no running statistics, no ledger): score, evaluate and calibrate
+    open it; fit, merge and finalize refuse it."""
+    from .compact import compact as run_compact
+
+    typer.echo(json.dumps(run_compact(model, out, float16=float16)))
+
+
+@command
 def evaluate(
     model: str = typer.Argument(..., help="Model store (finalized)."),
     data: Path = typer.Argument(..., help="Class folder: MVTec AD layout (train/good, test/<type>, "
@@ -554,6 +568,10 @@ def info(model: str = typer.Argument(..., help="Model store.")):
     store = ModelStore.open(model)
     attrs = dict(store.attrs)
     attrs["embedding"] = store.config.embedding  # a store written before it was a choice: random
+    attrs["kind"] = attrs.get("kind") or "model"  # a store written before scorers existed: a model
+    if store.is_scorer:
+        attrs["scorer"] = ("scoring-only (padim-ooc compact): final mean and precision "
+                           f"({attrs.get('precision_dtype') or 'float32'}), no statistics to fit, merge or finalize")
     attrs.pop("holdout", None)
     if attrs.get("calibration") is not None or store.attrs.get("holdout"):
         attrs["calibration"] = describe(store)

@@ -128,6 +128,7 @@ def finalize(store: ModelStore, *, eps: float = DEFAULT_EPS, shrinkage: str = DE
         was written is removed and the model stays as it was (also its previous
         finalization, if any).
     """
+    store.refuse_scorer("finalize")
     n = store.n_images
     if n < 2:
         raise PadimError(f"finalize needs at least 2 images, the model has {n}")

@@ -126,6 +126,7 @@ class FitTarget:
             if store_exists(path):
                 store = ModelStore.open(path, writable=True)
                 try:
+                    store.refuse_scorer("extend")
                     if config is not None:
                         store.config.check_extends(config, path, keys=CHOSEN_FIELDS)
                     if extractor is not None:

@@ -126,6 +126,8 @@ def _open_inputs(paths: list[str], model: str, given: ModelStore | None):
         out = ModelStore.open(model, writable=True)
     try:
         stores = ([out] if out is not None else []) + inputs
+        for s in stores:
+            s.refuse_scorer("merge")
         check_same_config(stores)
         digests = check_disjoint(stores)
         if not sum(s.n_images for s in inputs):

@@ -185,7 +185,8 @@ class Model:
         if self._final is None:
             mean, prec = self.store.final_arrays()
             device = self.extractor.device
-            final = (torch.from_numpy(read_array(mean)), torch.from_numpy(read_array(prec)))
+            # a scorer's float16 precision is scored in float32 like any other (the products stay float32)
+            final = (torch.from_numpy(read_array(mean)), torch.from_numpy(read_array(prec).astype(np.float32, copy=False)))
             for name, t in zip(("mean", "precision"), final):
                 check_finite(t, f"{self.store.attrs['final']}/{name}", self.store.path)
             self._final = tuple(t.to(device) for t in final)

@@ -10,6 +10,12 @@ Layout::
     M.zarr/final-000007-2/mean       (P, d) float32
     M.zarr/embedding/projection      (F, d) float64  an orthogonal embedding's projection (written once)
 
+A *scorer* (root attribute ``kind: "scorer"``, written by :mod:`padim_ooc.compact`)
+holds only the root attributes, ``embedding/`` and one ``final-*`` group (its
+precision float32 or float16, attribute ``precision_dtype``): no state, no
+ledger. It is scored, evaluated and calibrated like a model; fit, merge and
+finalize refuse it (:meth:`ModelStore.refuse_scorer`).
+
 A checkpoint writes a *new* state group (and a new ledger segment), then
 rewrites the root attributes in one write (Zarr's local store writes a
 temporary file and renames it, so the switch is atomic), then deletes the
@@ -256,6 +262,18 @@ class ModelStore:
         return self.attrs["grid"][0] * self.attrs["grid"][1]
 
     @property
+    def is_scorer(self) -> bool:
+        """Whether this is a scoring-only store (``padim-ooc compact``): final arrays, no statistics."""
+        return self.attrs.get("kind") == "scorer"
+
+    def refuse_scorer(self, action: str) -> None:
+        """One line if this is a scorer: ``action`` (e.g. "extend") needs the running statistics
+        (mean, m2, ledger), which a scorer does not keep."""
+        if self.is_scorer:
+            raise PadimError(f"{self.path} is a scoring-only model (padim-ooc compact): it holds no statistics "
+                             f"to {action}; {action} the source model it was compacted from")
+
+    @property
     def config(self) -> ModelConfig:
         """The record of the configuration the model was fitted with."""
         return ModelConfig.from_attrs(self.attrs)
@@ -276,6 +294,7 @@ class ModelStore:
         """The live array ``group/name``, checked (:func:`padim_ooc.chunks.open_checked`):
         its chunks are all there, and reading it raises (not zeros) for a chunk deleted since."""
         if group is None:
+            self.refuse_scorer("read")
             raise PadimError(f"the model {self.path} has no statistics yet: fit it first")
         try:
             arr = open_checked(self.group, f"{group}/{name}", self.path)
@@ -294,7 +313,8 @@ class ModelStore:
         return self._array(self.attrs["state"], "m2")
 
     def final_arrays(self) -> tuple[zarr.Array, zarr.Array]:
-        """(mean float32 (P, d), precision float32 (P, d, d)) of a finalized model."""
+        """(mean float32 (P, d), precision (P, d, d)) of a finalized model: the precision is
+        float32, or float16 in a scorer compacted with ``--float16`` (cast when read: :class:`Model`)."""
         if not self.attrs["finalized"]:
             raise PadimError(f"the model {self.path} is not finalized: run `padim-ooc finalize {self.path}` first")
         name = self.attrs["final"]

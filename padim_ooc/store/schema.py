@@ -9,13 +9,19 @@ from a bucket), so nothing in a store is trusted before it is checked:
   before it was a choice) with its ``channels``, or ``orthogonal`` with its
   ``projection_digest`` and no channels, the pointers of the state, the finalization and the
   ledger well-formed names, ``schema_version`` from 1 to what this version
-  writes). The optional ``calibration`` attribute is None or a record
+  writes). ``kind`` is ``model`` (or absent: every store written before
+  scorers existed) or ``scorer``: a scoring-only store (``padim-ooc compact``)
+  holds no state, no ledger and no cache of identities, is always finalized,
+  and its ``final`` names the source's finalization (numbered at most ``seq``);
+  its ``precision_dtype`` is ``float32`` or ``float16`` (a model's is absent
+  or ``float32``). The optional ``calibration`` attribute is None or a record
   :meth:`padim_ooc.calibration.Calibration.from_attrs` accepts. Keys this
   version does not know are tolerated and never used (a later minor version
   may add one without a new schema version; ``info`` prints them as JSON).
 - :func:`check_array`, whenever an array of the store is opened: its shape and
   dtype against the configuration (``P = grid[0] * grid[1]`` positions,
-  ``dims`` channels; ``embedding/projection`` (F, d) float64), so that a final array with more positions than the grid
+  ``dims`` channels; ``embedding/projection`` (F, d) float64; a final
+  precision in the ``precision_dtype`` the attributes record), so that a final array with more positions than the grid
   is an error instead of being cut.
 - :func:`check_no_links`, once when a local store is opened: no symbolic
   link anywhere inside it (a link would make a checkpoint or the removal of
@@ -41,6 +47,8 @@ MAX_COUNT = 10**9  # checkpoints, finalizations: names stay within the patterns 
 MAX_IMAGES = 2**53  # counts stay exact in float64
 # the most positions x channels a store may claim: a (P, d, d) float32 array of this is 400 GB
 MAX_ELEMENTS = 10**11
+KINDS = ("model", "scorer")  # a full model store; a scoring-only one (padim-ooc compact)
+PRECISION_DTYPES = ("float32", "float16")  # of a final precision: float16 only in a scorer
 
 
 def _is_int(v) -> bool:
@@ -159,21 +167,37 @@ def check_attrs(attrs: Any, path: str, supported: int) -> dict:
     # counts and pointers
     n = c.int_("n_images", 0, MAX_IMAGES)
     seq = c.int_("seq", 0, MAX_COUNT)
+    kind = c.get("kind", lambda v: v in KINDS, "'model' or 'scorer' or null", optional=True) or "model"
+    scorer = kind == "scorer"
     state = c.str_("state", _STATE, optional=True, what="a state name like 'state-000001'")
-    if state is None and n:
+    if scorer and state is not None:
+        c.fail("state", "null (a scoring-only model holds no running statistics)")
+    if state is None and n and not scorer:
         c.fail("state", f"a state name (the model holds {n} images)")
     if state is not None and int(_STATE.fullmatch(state)[1]) > seq:
         c.fail("state", f"a state numbered at most seq={seq}")
     c.get("ledger", lambda v: isinstance(v, list) and all(
         isinstance(x, str) and _SEGMENT.fullmatch(x) for x in v) and len(set(v)) == len(v),
         "a list of distinct segment names like '000001'")
+    if scorer:
+        c.get("ledger", lambda v: v == [], "[] (a scoring-only model keeps no ledger)")
+        c.get("seen", lambda v: not v, "null or [] (a scoring-only model keeps no cache of identities)",
+              optional=True)
+    c.get("precision_dtype", lambda v: v in (PRECISION_DTYPES if scorer else ("float32",)),
+          "'float32' or 'float16' or null" if scorer else "'float32' or null (float16: scoring-only models)",
+          optional=True)
     finalized = c.get("finalized", lambda v: isinstance(v, bool), "true or false")
     finals = c.int_("finals", 0, MAX_COUNT, optional=True)
     final = c.str_("final", _FINAL, optional=True, what="a final name like 'final-000001-1'")
     if finalized != (final is not None):
         c.fail("final", "a final name exactly when 'finalized' is true")
+    if scorer and final is None:
+        c.fail("final", "a final name like 'final-000001-1' (a scoring-only model is finalized)")
     if final is not None:
-        if state is None or int(_FINAL.fullmatch(final)[1]) != int(_STATE.fullmatch(state)[1]):
+        if scorer:  # the source's finalization; the state it was computed from is not kept
+            if int(_FINAL.fullmatch(final)[1]) > seq:
+                c.fail("final", f"a finalization of a state numbered at most seq={seq}")
+        elif state is None or int(_FINAL.fullmatch(final)[1]) != int(_STATE.fullmatch(state)[1]):
             c.fail("final", f"the finalization of the live state {state}")
         k = _FINAL.fullmatch(final)[2]
         if k is not None and int(k) > (finals or 0):
@@ -209,6 +233,8 @@ def expected_array(attrs: dict, group: str, name: str) -> tuple[tuple[int, ...] 
     if group == "embedding":  # the projection of an orthogonal embedding: (F, d)
         return (sum(attrs["layer_channels"]), d), "float64"
     dtype = "float32" if group.startswith("final-") else "float64"
+    if group.startswith("final-") and name == "precision":  # a scorer may hold it in float16
+        dtype = attrs.get("precision_dtype") or "float32"
     shape = (p, d) if name == "mean" else (p, d, d)
     return shape, dtype
 
@@ -241,4 +267,5 @@ def check_no_links(root: str) -> None:
                                  "refused, never followed; copy the model without links (e.g. cp -rL)")
 
 
-__all__ = ["check_attrs", "check_array", "check_no_links", "expected_array", "MAX_ELEMENTS", "SEGMENT_WIDTH"]
+__all__ = ["check_attrs", "check_array", "check_no_links", "expected_array", "MAX_ELEMENTS", "SEGMENT_WIDTH", "KINDS",
+           "PRECISION_DTYPES"]
