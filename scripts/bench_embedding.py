@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -47,7 +48,9 @@ def run(name: str, embedding: str, seed: int, k: int, split: dict, work: Path, b
     backbone, weights = BACKBONES[name]
     extractor = Extractor(backbone, dims=k, weights=weights, resize=224, crop=224, seed=seed,
                           embedding=embedding, device="cpu")
-    path = work / f"{name}-{embedding}-{seed}.zarr"
+    path = work / f"{split['root'].name}-{name}-{embedding}-{seed}.zarr"
+    if path.exists():  # a fresh fit: an existing store would be extended
+        shutil.rmtree(path)
     t0 = time.perf_counter()
     model = po.fit([split["train_good"]], path, extractor=extractor, batch_size=batch_size, loader_workers=0)
     fit_s = time.perf_counter() - t0
