@@ -29,9 +29,9 @@ import zarr
 
 from . import __version__
 from .errors import PadimError
-from .store import ATTR_KEY, COMPLETE_KEY, ModelStore, read_array, shared_path
+from .store import ATTR_KEY, ModelStore, read_array, shared_path
 from .store.chunks import fsync, sync_tree
-from .store.model import PROJECTION, SCHEMA_VERSION
+from .store.model import SCHEMA_VERSION, new_array, write_projection
 from .store.paths import is_url
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: a larger precision entry is no float16
@@ -54,21 +54,14 @@ def _scorer_attrs(source: ModelStore, float16: bool) -> dict:
     return attrs
 
 
-def _new_array(group: zarr.Group, name: str, shape: tuple, dtype: str, chunk_positions: int) -> zarr.Array:
-    """An uncompressed array whose every chunk is stored (``COMPLETE_KEY``), as the model store writes."""
-    chunks = (min(chunk_positions, max(1, shape[0])),) + tuple(shape[1:])
-    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=0,
-                              config={"write_empty_chunks": True}, attributes={COMPLETE_KEY: True})
-
-
 def _copy_final(source: ModelStore, group: zarr.Group, name: str, float16: bool) -> None:
     """Copy the source's final mean (P, d) float32 and precision (P, d, d) into ``group/name``,
     one chunk of positions at a time (memory: one chunk); the precision cast to float16 if asked,
     refused if an entry overflows it."""
     mean_src, prec_src = source.final_arrays()
     cp = int(source.attrs["chunk_positions"])
-    mean = _new_array(group, f"{name}/mean", tuple(mean_src.shape), "float32", cp)
-    prec = _new_array(group, f"{name}/precision", tuple(prec_src.shape), "float16" if float16 else "float32", cp)
+    mean = new_array(group, f"{name}/mean", tuple(mean_src.shape), "float32", cp)
+    prec = new_array(group, f"{name}/precision", tuple(prec_src.shape), "float16" if float16 else "float32", cp)
     p = mean_src.shape[0]
     for start in range(0, p, cp):
         rows = slice(start, min(p, start + cp))
@@ -121,12 +114,7 @@ def compact(model: str | os.PathLike, out: str | os.PathLike, float16: bool = Fa
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier process with this pid
         try:
             if source.config.embedding == "orthogonal":  # scoring needs the projection
-                w = source.projection()
-                zarr.create_group(os.path.join(tmp, PROJECTION.split("/")[0]))
-                arr = zarr.create_array(os.path.join(tmp, PROJECTION), shape=w.shape, chunks=w.shape,
-                                        dtype="float64", compressors=None, fill_value=0,
-                                        config={"write_empty_chunks": True}, attributes={COMPLETE_KEY: True})
-                arr[...] = w
+                write_projection(tmp, source.projection())
             group = zarr.create_group(tmp, attributes={ATTR_KEY: _scorer_attrs(source, float16)})
             _copy_final(source, group, source.attrs["final"], float16)
             sync_tree(tmp)

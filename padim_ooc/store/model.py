@@ -74,6 +74,31 @@ def _checked_projection(config: ModelConfig, projection: np.ndarray | None) -> n
     return projection
 
 
+def new_array(group: zarr.Group, name: str, shape, dtype, chunk_positions: int, *,
+              data: np.ndarray | None = None) -> zarr.Array:
+    """A new array ``group/name`` (overwriting a leftover of that name), chunked by
+    ``chunk_positions`` positions, every chunk stored even if all zero.
+
+    Write it through the returned object (or a pickled copy of it): it carries
+    ``write_empty_chunks``, so that a chunk missing later is damage.
+    """
+    chunks = (min(chunk_positions, max(1, shape[0])),) + tuple(shape[1:])
+    arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=None, fill_value=0,
+                             overwrite=True, config={"write_empty_chunks": True}, attributes={COMPLETE_KEY: True})
+    if data is not None:
+        write_array(arr, data)
+    return arr
+
+
+def write_projection(path: str, projection: np.ndarray) -> None:
+    """Write the (F, d) float64 ``projection`` of an orthogonal embedding as ``path/embedding/projection``
+    (one chunk), before the store's root exists: the root is what makes the store, so a store is never
+    seen without its projection."""
+    group = zarr.create_group(f"{path.rstrip('/')}/{PROJECTION.split('/')[0]}", overwrite=True,
+                              **zarr_options(path))
+    new_array(group, PROJECTION.split("/")[1], projection.shape, "float64", projection.shape[0], data=projection)
+
+
 def zarr_options(path: str) -> dict:
     """Extra arguments zarr needs to write at ``path``: file:// URLs must create their folders."""
     return {"storage_options": {"auto_mkdir": True}} if path.startswith("file://") else {}
@@ -196,13 +221,7 @@ class ModelStore:
             _clear_url(path)
         try:  # group and attributes in one write: a store is never seen without its attributes
             if projection is not None:  # before the root, which is the switch
-                zarr.create_group(f"{path.rstrip('/')}/{PROJECTION.split('/')[0]}", overwrite=True,
-                                  **zarr_options(path))
-                arr = zarr.create_array(f"{path.rstrip('/')}/{PROJECTION}", shape=projection.shape,
-                                        chunks=projection.shape, dtype="float64", compressors=None,
-                                        fill_value=0, overwrite=True, config={"write_empty_chunks": True},
-                                        attributes={COMPLETE_KEY: True}, **zarr_options(path))
-                arr[...] = projection
+                write_projection(path, projection)
                 if not _is_url(path):
                     sync_tree(os.path.join(path, PROJECTION.split("/")[0]))
             group = zarr.create_group(path, overwrite=False, attributes={ATTR_KEY: attrs},
@@ -393,19 +412,8 @@ class ModelStore:
 
     # ---- writing -------------------------------------------------------
     def _new_array(self, name: str, data: np.ndarray | None, shape, dtype, chunk_positions: int):
-        """A new array (overwriting a leftover of that name), every chunk stored even if all zero.
-
-        Write it through the returned object (or a pickled copy of it): it
-        carries ``write_empty_chunks``, so that a chunk missing later is damage.
-        """
-        chunks = (min(chunk_positions, max(1, shape[0])),) + tuple(shape[1:])
-        arr = self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
-                                      compressors=None, fill_value=0, overwrite=True,
-                                      config={"write_empty_chunks": True},
-                                      attributes={COMPLETE_KEY: True})
-        if data is not None:
-            write_array(arr, data)
-        return arr
+        """A new array of this store (:func:`new_array`)."""
+        return new_array(self.group, name, shape, dtype, chunk_positions, data=data)
 
     @contextmanager
     def switching(self, *new: str):
