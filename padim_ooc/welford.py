@@ -21,6 +21,7 @@ two-pass float64 statistics of the same features (see docs/design.md).
 """
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -236,6 +237,15 @@ def _rank_groups(nb: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+@functools.cache
+def _blas_threads():
+    """threadpoolctl's controller of the BLAS libraries loaded, made once: ``threadpool_limits``
+    scans the process's libraries at every call (1.2 ms here), once per fold block."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def _syrk32_lower_(m2: torch.Tensor, rows: torch.Tensor, correction: tuple[torch.Tensor, float] | None) -> None:
     """The lower triangle of ``m2[i] += rows[i]^T rows[i] + weight delta[i] delta[i]^T`` per
     position: float32 BLAS ``ssyrk`` of the (B, d) float32 ``rows[i]``, float64 ``dsyr``
@@ -251,11 +261,9 @@ def _syrk32_lower_(m2: torch.Tensor, rows: torch.Tensor, correction: tuple[torch
     if correction is not None:
         delta, weight = correction[0].contiguous().numpy(), float(correction[1])
     groups = _rank_groups(a.shape[1])
-    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
-
     # one BLAS thread: these small ssyrk calls alternate with single-threaded adds, and a
     # second OpenBLAS thread made the loop 1.8x slower at d = 550 (docs/benchmarks.md)
-    with threadpool_limits(1, user_api="blas"):
+    with _blas_threads().limit(limits=1, user_api="blas"):
         for i in range(out.shape[0]):
             for lo, hi in groups:
                 ssyrk(1.0, a[i, lo:hi].T, beta=0.0, c=scratch.T, trans=0, lower=0, overwrite_c=1)
