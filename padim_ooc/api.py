@@ -19,7 +19,7 @@ from .errors import PadimError
 from .extractor import Extractor
 from .finalize import finalize as _finalize
 from .fit import FitSummary, run_fit
-from .options import Cluster, FitOptions, ScoreOptions, check_eps, check_shrinkage, eps_for, shrinkage_for
+from .options import DEFAULT_FOLD, Cluster, FitOptions, ScoreOptions, check_eps, check_shrinkage, eps_for, shrinkage_for
 from .outputs import ArraySink
 from .progress import bar
 from .score import Model, score_images
@@ -47,7 +47,7 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
         shrinkage: str | None = None, loader_workers: int | None = None, on_error: str = "skip",
         progress: bool = False, device: str = "auto", max_memory: int | None = None, workers: int | None = None,
         scheduler: str | None = None, client=None, holdout: float = 0.0, fpr: float | None = None,
-        fold: str = "float64") -> Model:
+        fold: str = DEFAULT_FOLD) -> Model:
     """Fit (or extend) the model at ``model`` on the images of ``sources``, streaming.
 
     Parameters
@@ -96,8 +96,8 @@ def fit(sources: Sequence[str | os.PathLike] | str | os.PathLike, model: str | o
     fold : {'float64', 'float32'}
         How each batch is folded into the float64 statistics: ``float64`` (default,
         exact to ~1e-10 relative), or ``float32`` (the batch's scatter by float32
-        products: about half the fold's cost on a CPU, ~1e-7 relative to two-pass
-        float64, below the float32 noise of the features themselves).
+        products: less of the fold's time on a CPU, see docs/benchmarks.md, ~1e-7
+        relative to two-pass float64, below the float32 noise of the features themselves).
 
     Returns
     -------

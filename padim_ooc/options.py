@@ -240,8 +240,9 @@ class FitOptions(RunOptions):
     fold : {'float64', 'float32'}
         How each batch's scatter is formed before its Chan merge into the float64
         statistics (:mod:`padim_ooc.welford`): ``float64`` (default, ~1e-10 relative to
-        two-pass float64), or ``float32`` (float32 products, about half the fold's
-        cost on a CPU; ~1e-7 relative, below the float32 noise of the features).
+        two-pass float64), or ``float32`` (float32 products, less of the fold's time
+        on a CPU, see docs/benchmarks.md; ~1e-7 relative, below the float32 noise of
+        the features).
     """
 
     checkpoint_every: int | None = None
