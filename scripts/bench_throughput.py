@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from _bench_common import emit, write_images
+from padim_ooc.config import DEFAULT_EMBEDDING, EMBEDDINGS
 from padim_ooc.data import ImageFiles, loader
 from padim_ooc.extractor import Extractor
 from padim_ooc.finalize import finalize
@@ -127,7 +128,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--loader-workers", type=int, default=None)
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "padim_bench_images")
-    ap.add_argument("--embedding", choices=["random", "orthogonal"], default="random",
+    ap.add_argument("--embedding", choices=EMBEDDINGS, default=DEFAULT_EMBEDDING,
                     help="the dims kept: a channel subset (PaDiM) or a semi-orthogonal projection")
     ap.add_argument("--markdown", default=None, help="append a table to this file")
     args = ap.parse_args()

@@ -36,6 +36,7 @@ import os
 import re
 from typing import Any
 
+from ..config import EMBEDDINGS
 from ..errors import PadimError
 
 _STATE = re.compile(r"state-([0-9]{6,10})")
@@ -137,7 +138,7 @@ def check_attrs(attrs: Any, path: str, supported: int) -> dict:
     total = sum(attrs["layer_channels"])
     dims = c.int_("dims", 1, total)
     # stores written before the embedding was a choice have none: random
-    embedding = c.get("embedding", lambda v: v in ("random", "orthogonal"), "'random' or 'orthogonal' or null",
+    embedding = c.get("embedding", lambda v: v in EMBEDDINGS, " or ".join(map(repr, EMBEDDINGS)) + " or null",
                       optional=True)
     if embedding == "orthogonal":
         c.get("channels", lambda v: v is None, "null (an orthogonal embedding keeps no channel subset)",
