@@ -24,8 +24,6 @@ DEFAULT_LAYERS = {
     "wide_resnet101_2": ["layer1", "layer2", "layer3"],
 }
 DEFAULT_DIMS = {"resnet18": 100, "wide_resnet50_2": 550}
-LITE0 = "efficientnet_lite0"
-"""The first EfficientNet-Lite backbone; :data:`padim_ooc.lite.VARIANTS` has them all."""
 
 
 def default_layers(name: str) -> list[str]:

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from padim_ooc import Extractor, open_model
 from padim_ooc.errors import PadimError
-from padim_ooc.lite0 import LITE0_CHANNELS, build_lite0, lite0_weights_path
+from padim_ooc.lite import VARIANTS, build_lite, lite_weights_path
 from padim_ooc.presets import PAPER_MVTEC_MEAN, PRESETS, resolve
 
 from conftest import CLI
@@ -69,7 +69,7 @@ def test_fit_preset_lite0_without_the_weights_package(tmp_path, image_dir):
 def test_lite0_random_weights_shapes_and_channels():
     torch.manual_seed(0)
     ex = Extractor("efficientnet_lite0", weights=None, resize=64, crop=64, device="cpu")
-    assert ex.layer_channels == [24, 40, 112] == LITE0_CHANNELS and ex.dims == 176
+    assert ex.layer_channels == [24, 40, 112] == list(VARIANTS["efficientnet_lite0"].channels) and ex.dims == 176
     assert ex.grid == (16, 16)  # stride 4 at a 64 crop
     assert ex.preprocess.mean == (127 / 255,) * 3 and ex.preprocess.std == (128 / 255,) * 3
     feats = ex.embed(torch.randn(2, 3, 64, 64))
@@ -80,16 +80,16 @@ def test_lite0_random_weights_shapes_and_channels():
 
 
 def test_lite0_pretrained_weights_load_from_the_installed_file():
-    path = lite0_weights_path()
+    path = lite_weights_path("efficientnet_lite0")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_lite0(pretrained=True)
+    model = build_lite("efficientnet_lite0", pretrained=True)
     got = model.state_dict()
     assert set(got) == set(state)
     for key, value in state.items():
         assert torch.equal(got[key], value), key
     ex = Extractor("efficientnet_lite0", weights="default", resize=64, crop=64, device="cpu")
     assert ex.weights_id.startswith("file:")
-    random = build_lite0(pretrained=False)
+    random = build_lite("efficientnet_lite0", pretrained=False)
     assert not torch.equal(random.state_dict()["_conv_stem.weight"], state["_conv_stem.weight"])
 
 
